@@ -1,0 +1,352 @@
+"""The ``labpilot`` command line: run, validate, status, export.
+
+Exit codes: 0 done, 2 bad input (the message says what to fix), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.settings import Settings, configure_prefect_environment
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _print_campaign_error(exc: Exception) -> int:
+    from orchestrator.spec import CampaignError
+
+    if isinstance(exc, CampaignError):
+        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.issues)} problem(s) in the campaign file")
+        for issue in exc.issues:
+            err_console.print(f"  [yellow]{issue.path or '<file>'}[/]: {issue.message}", markup=True,
+                              soft_wrap=True)
+    else:
+        err_console.print(f"[bold red]error[/]: {exc}")
+    return EXIT_BAD_INPUT
+
+
+# ---- validate -----------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.spec import CampaignError, load_campaign
+
+    try:
+        spec = load_campaign(args.file)
+    except CampaignError as exc:
+        return _print_campaign_error(exc)
+    console.print(f"[green]ok[/]: {args.file} defines campaign {spec.name!r}: "
+                  f"{len(spec.parameters)} parameters, {len(spec.objectives)} objective(s), "
+                  f"planner {spec.planner.name}, {spec.budget.max_trials} trials")
+    return EXIT_OK
+
+
+# ---- run ----------------------------------------------------------------------
+class TerminalProgress:
+    """Live progress for ``labpilot run``: a bar on a terminal, one line per trial elsewhere."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.progress = None
+        self.task = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def started(self, runtime) -> None:  # noqa: ANN001
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        spec = runtime.spec
+        done = sum(runtime.ledger.counts(runtime.campaign_id)[s] for s in ("completed", "failed"))
+        what = "resuming" if runtime.resumed else "starting"
+        console.print(f"[bold]{spec.name}[/]: {what}; planner [cyan]{spec.planner.name}[/], "
+                      f"{len(runtime.runners)} instrument station(s), budget {spec.budget.max_trials} trials")
+        if not self.live:
+            return
+        self.progress = Progress(
+            TextColumn("trial"), MofNCompleteColumn(), BarColumn(bar_width=28),
+            TextColumn("best [bold green]{task.fields[best]}[/]"),
+            TextColumn("[dim]{task.fields[activity]}[/]"), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        self.task = self.progress.add_task("trials", total=spec.budget.max_trials, completed=done,
+                                           best=self._best(runtime), activity="starting")
+        self.progress.start()
+
+        def refresh() -> None:
+            while not self._stop.wait(0.2):
+                busy = [f"{r.instrument.name}: {r.activity}" for r in runtime.runners if r.activity != "idle"]
+                self.progress.update(self.task, activity="; ".join(busy) or "planning")
+
+        self._thread = threading.Thread(target=refresh, daemon=True)
+        self._thread.start()
+
+    def _best(self, runtime) -> str:  # noqa: ANN001
+        b = runtime.best()
+        if b.value is not None:
+            return f"{b.value:.5g}"
+        if b.hypervolume is not None:
+            return f"HV {b.hypervolume:.4g} ({len(b.pareto)} on front)"
+        return "-"
+
+    def trial_changed(self, runtime, number: int, state: str, info: str = "") -> None:  # noqa: ANN001
+        if state not in ("completed", "failed", "vetoed"):
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1 if state != "vetoed" else 0, best=self._best(runtime))
+            if state != "completed":
+                self.progress.console.print(f"  trial {number} [red]{state}[/]: {info}")
+        else:
+            console.print(f"trial {number:>3} {state:<9} {info}  best {self._best(runtime)}")
+
+    def finished(self, runtime, result) -> None:  # noqa: ANN001
+        self._stop.set()
+        if self.progress is not None:
+            self.progress.update(self.task, activity="done")
+            self.progress.stop()
+
+
+def _setup_logging(output_dir: Path) -> None:
+    handler = logging.FileHandler(output_dir / "campaign.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("labpilot", "bluesky", "ophyd", "botorch"):
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers = [handler]
+    logging.getLogger("py.warnings").propagate = False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.prefect_api import PrefectAPI
+    from orchestrator.spec import CampaignError, load_campaign
+
+    t0 = time.perf_counter()
+    api = PrefectAPI().start_in_background()  # overlaps with validation, imports and set-up
+    try:
+        spec = load_campaign(args.file)
+    except CampaignError as exc:
+        api.stop_when_ready()
+        return _print_campaign_error(exc)
+    settings = Settings()
+    output_dir = Path(args.output or spec.output or Path(settings.runs_dir) / spec.name)
+    if args.fresh and output_dir.exists():
+        for f in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "trials.csv", "summary.json",
+                  "campaign.log"):
+            (output_dir / f).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(output_dir)
+    try:
+        from orchestrator.flows import CampaignRuntime, run_campaign
+
+        live = console.is_terminal and not args.quiet
+        runtime = CampaignRuntime(spec, output_dir, observer=TerminalProgress(live))
+        t_setup = time.perf_counter() - t0
+        api.wait()
+        t_ready = time.perf_counter() - t0
+        with api.settings():
+            result = run_campaign(runtime)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the ledger holds every trial so far; "
+                          f"run 'labpilot run {args.file} --output {output_dir}' to resume")
+        return EXIT_FAILURE
+    finally:
+        api.stop()
+    total = time.perf_counter() - t0
+    export_path = _export(runtime.ledger, runtime.campaign_id, output_dir, "csv")
+    timing = {
+        "total_seconds": total,
+        "setup_seconds": t_setup,
+        "prefect_ready_after_seconds": t_ready,
+        "prefect_started_server": api.started_server,
+        "prefect_server_start_seconds": api.seconds_to_ready,
+        "campaign_seconds": result.seconds,
+        **{f"median_{k}_seconds": _median(v) for k, v in result.timings.items()},
+        **{f"sum_{k}_seconds": sum(v) for k, v in result.timings.items()},
+    }
+    _print_summary(runtime, result, export_path, timing)
+    (output_dir / "summary.json").write_text(json.dumps(
+        {"campaign": spec.name, "status": result.status, "reason": result.reason, "counts": result.counts,
+         "best_value": result.best.value, "best_parameters": result.best.parameters,
+         "hypervolume": result.best.hypervolume, "timing": timing}, indent=2, default=str))
+    runtime.ledger.close()
+    return EXIT_OK if result.status in ("finished", "stopped") else EXIT_FAILURE
+
+
+def _median(v: list[float]) -> float | None:
+    if not v:
+        return None
+    s = sorted(v)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def _print_summary(runtime, result, export_path: Path, timing: dict[str, Any]) -> None:  # noqa: ANN001
+    spec = runtime.spec
+    table = Table(title=f"campaign {spec.name}: {result.status} ({result.reason})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    c = result.counts
+    table.add_row("trials", f"{c['completed']} completed, {c['failed']} failed, {c['vetoed']} vetoed, "
+                            f"{c['abandoned']} abandoned")
+    best = result.best
+    optimum = _known_optimum(spec)
+    if best.value is not None:
+        o = spec.objectives[0]
+        table.add_row("best value", f"{o.name} = {best.value:.6g} ({o.goal})")
+        table.add_row("best parameters", ", ".join(f"{k}={_fmt(v)}" for k, v in best.parameters.items()))
+        if o.name in optimum:
+            table.add_row("known optimum", f"{optimum[o.name]:.6g}; simple regret "
+                                           f"{abs(best.value - optimum[o.name]):.4g}")
+    elif best.hypervolume is not None:
+        table.add_row("Pareto front", f"{len(best.pareto)} trials")
+        table.add_row("hypervolume", f"{best.hypervolume:.4g}"
+                      + (f" of {optimum['hypervolume']:.4g} possible" if "hypervolume" in optimum else ""))
+    else:
+        table.add_row("best value", "none yet (no completed trial)")
+    table.add_row("ledger", str(runtime.ledger.url))
+    table.add_row("export", str(export_path))
+    table.add_row("time", f"{timing['total_seconds']:.1f} s in all; Prefect API ready at "
+                          f"{timing['prefect_ready_after_seconds']:.1f} s "
+                          f"({'temporary server' if timing['prefect_started_server'] else 'existing server'}); "
+                          f"median planner {_s(timing['median_propose_seconds'])}, instrument "
+                          f"{_s(timing['median_instrument_seconds'])}, orchestration "
+                          f"{_s(timing['median_overhead_seconds'])} per step")
+    console.print(table)
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+
+def _known_optimum(spec) -> dict[str, float]:  # noqa: ANN001
+    inst = spec.instruments[0]
+    if inst.device:
+        return {}
+    from simulators import load_problem
+
+    return load_problem(inst.simulator, inst.dataset).optimum
+
+
+# ---- status and export -----------------------------------------------------------
+def _open_ledger(directory: str):  # noqa: ANN202
+    from orchestrator.ledger import Ledger, sqlite_url
+
+    d = Path(directory)
+    if not (d / "ledger.sqlite").is_file():
+        raise FileNotFoundError(f"{d} holds no ledger.sqlite; give the directory a 'labpilot run' wrote "
+                                "(its --output)")
+    return Ledger(sqlite_url(d))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        ledger = _open_ledger(args.dir)
+        campaign = ledger.campaign()
+    except (FileNotFoundError, LookupError) as exc:
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    trials = ledger.trials(campaign.id)
+    table = Table(title=f"campaign {campaign.name}: {campaign.status}"
+                        + (f" ({campaign.stop_reason})" if campaign.stop_reason else ""))
+    for col in ("trial", "state", "instrument", "planner", "model", "parameters", "outcomes", "reason"):
+        table.add_column(col)
+    for t in trials:
+        outcomes = ", ".join(f"{k}={_fmt(v)}" for k, v in (t.observation.values if t.observation else {}).items())
+        table.add_row(str(t.number), t.state, t.instrument or "", t.proposal.planner if t.proposal else "",
+                      (t.proposal.model_version or "") if t.proposal else "",
+                      ", ".join(f"{k}={_fmt(v)}" for k, v in t.parameters.items()), outcomes, t.reason or "")
+    console.print(table)
+    counts = ledger.counts(campaign.id)
+    console.print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return EXIT_OK
+
+
+def _export(ledger, campaign_id: int, directory: Path, fmt: str) -> Path:  # noqa: ANN001
+    frame = ledger.trials_frame(campaign_id)
+    path = Path(directory) / f"trials.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        for col in frame.columns:  # mixed-type parameter columns (categoricals) as text for Arrow
+            if frame[col].dtype == object:
+                frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        frame.to_parquet(path, index=False)
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        ledger = _open_ledger(args.dir)
+        campaign = ledger.campaign()
+    except (FileNotFoundError, LookupError) as exc:
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    path = _export(ledger, campaign.id, Path(args.dir), args.format)
+    console.print(f"wrote {path} ({len(ledger.trials(campaign.id))} trials)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labpilot", description="Run self-driving-laboratory campaigns.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or resume) a campaign")
+    p.add_argument("file", help="campaign YAML file")
+    p.add_argument("--output", help="campaign directory: ledger, exports, logs (default runs/<name>)")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run in the directory first")
+    p.add_argument("--quiet", action="store_true", help="no live progress bar")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a campaign file and report every problem")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("status", help="table of a campaign's trials and their states")
+    p.add_argument("dir", help="campaign directory")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("export", help="write trials.csv or trials.parquet into the campaign directory")
+    p.add_argument("dir", help="campaign directory")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_prefect_environment()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage already; keep its code
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except Exception as exc:  # an unexpected failure: say so plainly, keep the trace in the log
+        logging.getLogger("labpilot").exception("labpilot %s failed", args.command)
+        err_console.print(f"[bold red]labpilot {args.command} failed[/]: {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,321 @@
+"""The ledger: the campaign's durable record, and its only source of truth (SQLAlchemy).
+
+A SQLite file in write-ahead-log mode under the campaign directory by default;
+any SQLAlchemy URL (PostgreSQL to scale) by configuration. Every change of a
+trial's state is a row with its time, actor and reason, and the trial
+lifecycle of DESIGN.md is enforced here: an illegal change is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from planners.base import HistoryItem, Proposal
+
+STATES = ("proposed", "vetoed", "approved", "running", "completed", "failed", "abandoned")
+FINAL_STATES = frozenset({"vetoed", "completed", "failed", "abandoned"})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "proposed": frozenset({"vetoed", "approved", "abandoned"}),
+    "approved": frozenset({"running", "abandoned"}),
+    "running": frozenset({"completed", "failed", "abandoned"}),
+    "vetoed": frozenset(),
+    "completed": frozenset(),
+    "failed": frozenset(),
+    "abandoned": frozenset(),
+}
+ACTORS = ("planner", "operator", "system")
+
+
+class IllegalTransition(ValueError):
+    """A trial was asked to change state in a way the lifecycle does not allow."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class CampaignRow(Base):
+    __tablename__ = "campaigns"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="created")
+    stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TrialRow(Base):
+    __tablename__ = "trials"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    instrument: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    run_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    events: Mapped[list[TrialEventRow]] = relationship(back_populates="trial", order_by="TrialEventRow.id")
+    observation: Mapped[ObservationRow | None] = relationship(back_populates="trial")
+    proposal: Mapped[ProposalRow | None] = relationship(back_populates="trial")
+
+
+class TrialEventRow(Base):
+    __tablename__ = "trial_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    trial: Mapped[TrialRow] = relationship(back_populates="events")
+
+
+class ObservationRow(Base):
+    __tablename__ = "observations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), unique=True)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    units: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    run_uid: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    trial: Mapped[TrialRow] = relationship(back_populates="observation")
+
+
+class ProposalRow(Base):
+    """A planner's decision: what it proposed, what it predicted, and why."""
+
+    __tablename__ = "proposals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), unique=True)
+    planner: Mapped[str] = mapped_column(String(50))
+    seed: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    predicted_mean: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    predicted_sd: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    acquisition_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    trial: Mapped[TrialRow] = relationship(back_populates="proposal")
+
+
+def sqlite_url(directory: str | Path) -> str:
+    return f"sqlite:///{Path(directory).resolve() / 'ledger.sqlite'}"
+
+
+class Ledger:
+    """Durable record of campaigns and their trials; safe to share between threads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite allows one writer; serialising our own writes avoids busy retries.
+        self._write_lock = threading.RLock()
+
+    @classmethod
+    def for_directory(cls, directory: str | Path, url: str | None = None) -> Ledger:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls(url or sqlite_url(directory))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._write_lock, self._sessions.begin() as session:
+            yield session
+
+    # ---- campaigns ----------------------------------------------------------
+    def open_campaign(self, name: str, spec: dict[str, Any], seed: int) -> tuple[int, bool]:
+        """The campaign's id, creating it if new; returns ``(id, resumed)``."""
+        with self._write() as s:
+            row = s.scalar(select(CampaignRow).where(CampaignRow.name == name))
+            if row is not None:
+                row.status = "running"
+                return row.id, True
+            row = CampaignRow(name=name, spec=spec, seed=seed, status="running")
+            s.add(row)
+            s.flush()
+            return row.id, False
+
+    def campaign(self, campaign_id: int | None = None) -> CampaignRow:
+        with self._sessions() as s:
+            q = select(CampaignRow)
+            q = q.where(CampaignRow.id == campaign_id) if campaign_id else q.order_by(CampaignRow.id)
+            row = s.scalars(q).first()
+            if row is None:
+                raise LookupError("the ledger holds no campaign; run one first with 'labpilot run FILE'")
+            return row
+
+    def finish_campaign(self, campaign_id: int, status: str, reason: str) -> None:
+        with self._write() as s:
+            row = s.get(CampaignRow, campaign_id)
+            assert row is not None
+            row.status, row.stop_reason, row.finished_at = status, reason, utcnow()
+
+    # ---- trials -------------------------------------------------------------
+    def propose(self, campaign_id: int, proposal: Proposal) -> int:
+        """Record a new trial in state ``proposed`` with the planner's decision; return its id."""
+        with self._write() as s:
+            number = (s.scalar(select(TrialRow.number).where(TrialRow.campaign_id == campaign_id)
+                               .order_by(TrialRow.number.desc()).limit(1)) or 0) + 1
+            trial = TrialRow(campaign_id=campaign_id, number=number, state="proposed",
+                             parameters=_jsonable(proposal.parameters))
+            s.add(trial)
+            s.flush()
+            s.add(ProposalRow(
+                trial_id=trial.id, planner=proposal.planner, seed=proposal.seed,
+                model_version=proposal.model_version,
+                predicted_mean=_jsonable(proposal.predicted_mean),
+                predicted_sd=_jsonable(proposal.predicted_sd),
+                acquisition_value=_finite_or_none(proposal.acquisition_value),
+            ))
+            s.add(TrialEventRow(trial_id=trial.id, from_state=None, to_state="proposed",
+                                actor="planner", reason=f"proposed by {proposal.planner}"))
+            return trial.id
+
+    def transition(self, trial_id: int, to_state: str, actor: str, reason: str = "",
+                   **fields: Any) -> None:
+        """Move a trial to ``to_state``; raise ``IllegalTransition`` if the lifecycle forbids it."""
+        if to_state not in STATES:
+            raise ValueError(f"unknown state {to_state!r}; states are {STATES}")
+        if actor not in ACTORS:
+            raise ValueError(f"unknown actor {actor!r}; actors are {ACTORS}")
+        with self._write() as s:
+            self._transition(s, trial_id, to_state, actor, reason, **fields)
+
+    def _transition(self, s: Session, trial_id: int, to_state: str, actor: str, reason: str,
+                    **fields: Any) -> TrialRow:
+        trial = s.get(TrialRow, trial_id)
+        if trial is None:
+            raise LookupError(f"no trial with id {trial_id}")
+        if to_state not in TRANSITIONS[trial.state]:
+            raise IllegalTransition(
+                f"trial {trial.number} cannot go from {trial.state!r} to {to_state!r}; "
+                f"from {trial.state!r} it may go to {sorted(TRANSITIONS[trial.state]) or 'nowhere (final)'}"
+            )
+        now = utcnow()
+        s.add(TrialEventRow(trial_id=trial_id, from_state=trial.state, to_state=to_state, at=now,
+                            actor=actor, reason=reason))
+        trial.state = to_state
+        if to_state == "running":
+            trial.started_at = now
+        if to_state in FINAL_STATES:
+            trial.finished_at = now
+            trial.reason = reason or None
+        for k, v in fields.items():
+            setattr(trial, k, v)
+        return trial
+
+    def complete(self, trial_id: int, values: dict[str, float], run_uid: str,
+                 units: dict[str, str] | None = None) -> None:
+        """Record a trial's observation and mark it completed, in one transaction."""
+        with self._write() as s:
+            self._transition(s, trial_id, "completed", "system", "measured", run_uid=run_uid)
+            s.add(ObservationRow(trial_id=trial_id, values=_jsonable(values), units=units or {},
+                                 run_uid=run_uid))
+
+    # ---- reading ------------------------------------------------------------
+    def trials(self, campaign_id: int, states: tuple[str, ...] | None = None) -> list[TrialRow]:
+        with self._sessions() as s:
+            q = select(TrialRow).where(TrialRow.campaign_id == campaign_id).order_by(TrialRow.number)
+            if states:
+                q = q.where(TrialRow.state.in_(states))
+            rows = list(s.scalars(q))
+            for r in rows:  # load before the session closes
+                _ = r.observation, r.proposal, r.events
+            return rows
+
+    def history(self, campaign_id: int) -> list[HistoryItem]:
+        """What a planner learns from: completed trials with outcomes, failed ones, and vetoed ones
+        (as failures: the envelope forbids that point, so do not propose it again)."""
+        out = []
+        for t in self.trials(campaign_id, ("completed", "failed", "vetoed")):
+            if t.state == "completed" and t.observation is not None:
+                out.append(HistoryItem(t.parameters, "completed", dict(t.observation.values)))
+            elif t.state in ("failed", "vetoed"):
+                out.append(HistoryItem(t.parameters, "failed"))
+        return out
+
+    def counts(self, campaign_id: int) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for t in self.trials(campaign_id):
+            counts[t.state] += 1
+        return counts
+
+    def trials_frame(self, campaign_id: int) -> pd.DataFrame:
+        """One row per trial: number, state, parameters, outcomes, times, run uid, planner's prediction."""
+        rows = []
+        for t in self.trials(campaign_id):
+            row: dict[str, Any] = {"trial": t.number, "state": t.state, "instrument": t.instrument}
+            row.update({f"param.{k}": v for k, v in t.parameters.items()})
+            if t.observation is not None:
+                row.update({f"outcome.{k}": v for k, v in t.observation.values.items()})
+            if t.proposal is not None:
+                row["planner"] = t.proposal.planner
+                row["model_version"] = t.proposal.model_version
+                row.update({f"predicted.{k}": v for k, v in t.proposal.predicted_mean.items()})
+            row.update({"run_uid": t.run_uid, "reason": t.reason, "created_at": t.created_at,
+                        "started_at": t.started_at, "finished_at": t.finished_at})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    import math
+
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """Plain JSON types only (numpy and torch scalars become floats/ints)."""
+    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -1,0 +1,85 @@
+"""The planner interface: ``ask(n, history, pending) -> proposals``, and what it trades in."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from planners.space import Objective, OutcomeConstraint, SearchSpace
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One finished trial as a planner sees it.
+
+    ``state`` is ``completed`` (``outcomes`` holds the measurements) or
+    ``failed`` (the experiment failed there: data about where not to go).
+    Abandoned trials are not history: an operator pulled them.
+    """
+
+    parameters: dict[str, Any]
+    state: Literal["completed", "failed"]
+    outcomes: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a planner returns for one trial."""
+
+    parameters: dict[str, Any]
+    planner: str
+    seed: int
+    predicted_mean: dict[str, float] = field(default_factory=dict)
+    predicted_sd: dict[str, float] = field(default_factory=dict)
+    acquisition_value: float | None = None
+    model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a planner needs to know about what it optimises."""
+
+    space: SearchSpace
+    objectives: list[Objective]
+    outcome_constraints: list[OutcomeConstraint] = field(default_factory=list)
+
+    @property
+    def outcome_names(self) -> list[str]:
+        """Objectives first, then constrained outcomes, each once."""
+        names = [o.name for o in self.objectives]
+        names += [c.name for c in self.outcome_constraints if c.name not in names]
+        return names
+
+
+class Planner(ABC):
+    """Decides what to run next.
+
+    A planner is pure with respect to storage: ``ask`` sees only the history
+    and pending points it is given, and with the same history and seed it
+    returns the same proposals.
+    """
+
+    name: str = "planner"
+
+    def __init__(self, problem: Problem, seed: int = 0, **options: Any) -> None:
+        if options:
+            raise ValueError(
+                f"planner {self.name!r} takes no options {sorted(options)}; "
+                f"remove them from 'planner.options'"
+            )
+        self.problem = problem
+        self.seed = int(seed)
+
+    @abstractmethod
+    def ask(
+        self,
+        n: int,
+        history: list[HistoryItem],
+        pending: list[dict[str, Any]],
+    ) -> list[Proposal]:
+        """Propose ``n`` trials given the finished ``history`` and the ``pending`` (running) points."""
+
+    def step_seed(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> int:
+        """A seed for this call: fixed by the campaign seed and how far the campaign has got."""
+        return self.seed * 1_000_003 + 7919 * len(history) + len(pending)
