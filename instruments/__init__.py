@@ -7,8 +7,9 @@ from instruments.binding import (
     experiment_plan,
     outcome_keys,
     read_observation,
+    signal_attr,
 )
 from instruments.runner import InstrumentRunner, InstrumentTimeout
 
 __all__ = ["Instrument", "InstrumentRunner", "InstrumentTimeout", "MeasurementError",
-           "Observation", "experiment_plan", "outcome_keys", "read_observation"]
+           "Observation", "experiment_plan", "outcome_keys", "read_observation", "signal_attr"]

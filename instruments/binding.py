@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import keyword
 import math
+import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,20 @@ class Observation:
     units: dict[str, str] = field(default_factory=dict)
 
 
+def signal_attr(name: str) -> str:
+    """The device attribute that holds the signal for parameter or outcome ``name``.
+
+    Campaign names are free text a scientist chose (``yield``, ``pd-mol``); device
+    attributes must be identifiers, and not keywords: ``yield`` -> ``yield_``.
+    """
+    attr = re.sub(r"\W", "_", name)
+    if not attr or attr[0].isdigit():
+        attr = f"p_{attr}"
+    if keyword.iskeyword(attr) or attr.startswith("_"):
+        attr = f"{attr}_"
+    return attr
+
+
 def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any]) -> Generator[Msg, Any, Any]:
     """One experiment: open a run (``md`` goes into its start document), move every parameter
     signal of ``device`` to its setpoint, trigger the device and read it once.
@@ -39,7 +55,7 @@ def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any])
     def inner():
         moves: list[Any] = []
         for name, value in parameters.items():
-            moves += [getattr(device, name), value]
+            moves += [getattr(device, signal_attr(name)), value]
         if moves:
             yield from bps.mv(*moves)
         yield from bps.trigger_and_read([device])
@@ -49,7 +65,7 @@ def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any])
 
 def outcome_keys(device: Any, outcomes: list[str]) -> dict[str, str]:
     """Outcome name -> the data key its signal writes into event documents."""
-    return {o: getattr(device, o).name for o in outcomes}
+    return {o: getattr(device, signal_attr(o)).name for o in outcomes}
 
 
 def read_observation(documents: Documents, keys: dict[str, str]) -> Observation:

@@ -272,8 +272,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     trials = ledger.trials(campaign.id)
     table = Table(title=f"campaign {campaign.name}: {campaign.status}"
                         + (f" ({campaign.stop_reason})" if campaign.stop_reason else ""))
-    for col in ("trial", "state", "instrument", "planner", "model", "parameters", "outcomes", "reason"):
-        table.add_column(col)
+    for col in ("trial", "state", "instrument", "planner", "model"):
+        table.add_column(col, no_wrap=True)  # short, and never worth truncating
+    for col in ("parameters", "outcomes", "reason"):
+        table.add_column(col, overflow="fold")
     for t in trials:
         outcomes = ", ".join(f"{k}={_fmt(v)}" for k, v in (t.observation.values if t.observation else {}).items())
         table.add_row(str(t.number), t.state, t.instrument or "", t.proposal.planner if t.proposal else "",

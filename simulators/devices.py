@@ -15,6 +15,7 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 from ophyd.status import DeviceStatus
 
+from instruments.binding import signal_attr
 from simulators.problems import SimProblem
 
 
@@ -60,7 +61,7 @@ class SimulatedInstrumentBase(Device):
         measurement happens here and is written to the outcome signals.
         """
         status = DeviceStatus(self)
-        point = {p.name: getattr(self, p.name).get() for p in self.problem.parameters}
+        point = {p.name: getattr(self, signal_attr(p.name)).get() for p in self.problem.parameters}
         b = self.behaviour
         with self._lock:
             draw = self._rng.random()
@@ -82,7 +83,7 @@ class SimulatedInstrumentBase(Device):
                 status.set_exception(exc)
                 return
             for i, outcome in enumerate(self.problem.outcomes):
-                getattr(self, outcome).put(values[outcome] + b.noise * noise[i] + offset)
+                getattr(self, signal_attr(outcome)).put(values[outcome] + b.noise * noise[i] + offset)
             status.set_finished()
 
         threading.Thread(target=measure, name=f"{self.name}-measure", daemon=True).start()
@@ -92,12 +93,16 @@ class SimulatedInstrumentBase(Device):
 def make_simulated_device(problem: SimProblem, name: str, behaviour: Behaviour | None = None):
     """An ophyd device for ``problem``: one settable ``Signal`` per parameter (kind config),
     one readback ``Signal`` per outcome (kind hinted)."""
-    reserved = set(dir(Device))
-    clash = [n for n in [p.name for p in problem.parameters] + problem.outcomes if n in reserved]
+    reserved = set(dir(SimulatedInstrumentBase))
+    names = [p.name for p in problem.parameters] + problem.outcomes
+    attrs_of = [signal_attr(n) for n in names]
+    clash = [n for n, a in zip(names, attrs_of, strict=True) if a in reserved or attrs_of.count(a) > 1]
     if clash:
-        raise ValueError(f"names {clash} clash with ophyd Device attributes; rename them")
-    attrs = {p.name: Cpt(Signal, value=_initial(p), kind="normal") for p in problem.parameters}
-    attrs.update({o: Cpt(Signal, value=float("nan"), kind="hinted") for o in problem.outcomes})
+        raise ValueError(f"names {clash} clash with ophyd Device attributes or with each other; rename them")
+    attrs = {signal_attr(p.name): Cpt(Signal, value=_initial(p), kind="normal")
+             for p in problem.parameters}
+    attrs.update({signal_attr(o): Cpt(Signal, value=float("nan"), kind="hinted")
+                  for o in problem.outcomes})
     cls = type(f"Simulated_{problem.name}", (SimulatedInstrumentBase,), attrs)
     device = cls(name=name)
     device._setup(problem, behaviour or Behaviour())

@@ -1,0 +1,54 @@
+"""Test fixtures: one Prefect server for the whole run, temporary campaign directories."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before Prefect is imported anywhere: no analytics, a patient server start, a private home.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="labpilot-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """Start one Prefect server for every test that runs a flow; point PREFECT_API_URL at it.
+
+    Prefect 3 has no in-process API, and a temporary server per campaign costs
+    5-20 s; sharing one keeps the suite fast.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+@pytest.fixture
+def write_campaign(tmp_path):
+    """Write a campaign YAML (given as text) into a temporary directory; return its path."""
+
+    def _write(text: str, name: str = "campaign.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return _write
