@@ -134,7 +134,9 @@ class CampaignRuntime:
         self.spec = spec
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger.for_directory(self.output_dir, spec.store)
+        from orchestrator.settings import Settings
+
+        self.ledger = Ledger.for_directory(self.output_dir, spec.store or Settings().ledger_url)
         self.campaign_id, self.resumed = self.ledger.open_campaign(
             spec.name, spec.model_dump(mode="json"), spec.seed)
         self.problem = spec.problem()
