@@ -62,8 +62,8 @@ class InstrumentRunner:
             timed_out = threading.Event()
 
             def watchdog() -> None:
-                timed_out.set()
-                if self.RE.state != "idle":
+                if self.RE.state != "idle":  # a run that just finished is not a timeout
+                    timed_out.set()
                     self.RE.abort(reason=f"timed out after {limit:g} s")
 
             timer = threading.Timer(limit, watchdog)

@@ -182,6 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "campaign_seconds": result.seconds,
         **{f"median_{k}_seconds": _median(v) for k, v in result.timings.items()},
         **{f"sum_{k}_seconds": sum(v) for k, v in result.timings.items()},
+        "overhead_per_trial_seconds": sum(result.timings["overhead"]) / max(1, len(result.timings["instrument"])),
     }
     _print_summary(runtime, result, export_path, timing)
     (output_dir / "summary.json").write_text(json.dumps(
@@ -230,7 +231,7 @@ def _print_summary(runtime, result, export_path: Path, timing: dict[str, Any]) -
                           f"({'temporary server' if timing['prefect_started_server'] else 'existing server'}); "
                           f"median planner {_s(timing['median_propose_seconds'])}, instrument "
                           f"{_s(timing['median_instrument_seconds'])}, orchestration "
-                          f"{_s(timing['median_overhead_seconds'])} per step")
+                          f"{_s(timing['overhead_per_trial_seconds'])} per trial")
     console.print(table)
 
 

@@ -1,17 +1,27 @@
 """The campaign file: ``CampaignSpec`` (pydantic v2), loaded from YAML with errors a person can act on.
 
-Every problem in a file is reported at once, each with its path in the file
-(``instruments[0].timeout``) and what to write instead.
+Every problem in the fields of a file is reported at once, each with its path
+in the file (``instruments[0].timeout``) and what to write instead; the checks
+that compare fields with each other (an objective no instrument measures) run
+once the fields themselves are valid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from planners import PLANNERS, Problem
 from planners.space import (
@@ -21,6 +31,33 @@ from planners.space import (
     Parameter,
     SearchSpace,
 )
+
+
+def _constraint_item(c: Any) -> Any:
+    """A linear constraint as written: ``"x1 + 2*x2 <= 10"`` or ``{fractions: [a, b], total: 1}``."""
+    if isinstance(c, str):
+        return LinearConstraint.parse(c)
+    if isinstance(c, dict) and "fractions" in c:
+        extra = set(c) - {"fractions", "total"}
+        if extra:
+            raise ValueError(f"a fractions group takes 'fractions' and 'total', not {sorted(extra)}")
+        names = c["fractions"]
+        if not isinstance(names, list) or len(names) < 2:
+            raise ValueError("'fractions' must be a list of two or more parameter names, e.g. [a, b, c]")
+        try:
+            total = float(c.get("total", 1.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"'total' must be a number (got {c.get('total')!r})") from None
+        return LinearConstraint(coefficients={str(n): 1.0 for n in names}, op="==", rhs=total)
+    return c
+
+
+def _outcome_constraint_item(c: Any) -> Any:
+    return OutcomeConstraint.parse(c) if isinstance(c, str) else c
+
+
+Constraint = Annotated[LinearConstraint, BeforeValidator(_constraint_item)]
+OutcomeBound = Annotated[OutcomeConstraint, BeforeValidator(_outcome_constraint_item)]
 
 
 class _Spec(BaseModel):
@@ -92,12 +129,7 @@ class SafetySpec(_Spec):
     """What the hardware must never do: per-parameter limits and linear rules."""
 
     limits: dict[str, SafetyLimit] = Field(default_factory=dict)
-    rules: list[LinearConstraint] = Field(default_factory=list)
-
-    @field_validator("rules", mode="before")
-    @classmethod
-    def _parse_rules(cls, v: Any) -> Any:
-        return [LinearConstraint.parse(r) if isinstance(r, str) else r for r in (v or [])]
+    rules: list[Constraint] = Field(default_factory=list)
 
 
 class ApprovalSpec(_Spec):
@@ -113,9 +145,9 @@ class CampaignSpec(_Spec):
     description: str = ""
     seed: int = 0
     parameters: list[Parameter] = Field(min_length=1)
-    constraints: list[LinearConstraint] = Field(default_factory=list)
+    constraints: list[Constraint] = Field(default_factory=list)
     objectives: list[Objective] = Field(min_length=1)
-    outcome_constraints: list[OutcomeConstraint] = Field(default_factory=list)
+    outcome_constraints: list[OutcomeBound] = Field(default_factory=list)
     budget: Budget = Field(default_factory=Budget)
     planner: PlannerSpec = Field(default_factory=PlannerSpec)
     instruments: list[InstrumentSpec] = Field(min_length=1)
@@ -124,32 +156,12 @@ class CampaignSpec(_Spec):
     output: str | None = Field(None, description="campaign directory; default runs/<name>")
     store: str | None = Field(None, description="SQLAlchemy URL of the ledger; default a SQLite file")
 
-    @field_validator("constraints", mode="before")
-    @classmethod
-    def _parse_constraints(cls, v: Any) -> Any:
-        out = []
-        for c in v or []:
-            if isinstance(c, str):
-                out.append(LinearConstraint.parse(c))
-            elif isinstance(c, dict) and "fractions" in c:
-                extra = set(c) - {"fractions", "total"}
-                if extra:
-                    raise ValueError(f"a fractions group takes 'fractions' and 'total', not {sorted(extra)}")
-                out.append(LinearConstraint(coefficients={n: 1.0 for n in c["fractions"]}, op="==",
-                                            rhs=float(c.get("total", 1.0))))
-            else:
-                out.append(c)
-        return out
-
-    @field_validator("outcome_constraints", mode="before")
-    @classmethod
-    def _parse_outcome_constraints(cls, v: Any) -> Any:
-        return [OutcomeConstraint.parse(c) if isinstance(c, str) else c for c in (v or [])]
-
     @field_validator("objectives", mode="before")
     @classmethod
     def _parse_objectives(cls, v: Any) -> Any:
-        # Shorthand: "yield: maximize" as a one-key mapping, or a list of such.
+        # Shorthand: "- yield: maximize" items, or one mapping {yield: maximize, cost: minimize}.
+        if isinstance(v, dict) and "name" not in v:
+            v = [{k: g} for k, g in v.items()]
         out = []
         for o in v or []:
             if isinstance(o, dict) and len(o) == 1 and "name" not in o:
@@ -251,6 +263,7 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
     from simulators.problems import ProblemError, load_problem
 
     issues: list[SpecIssue] = []
+    issues += _check_planner_options(spec.planner)
     names = [p.name for p in spec.parameters]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -328,6 +341,20 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
     return issues
 
 
+def _check_planner_options(planner: PlannerSpec) -> list[SpecIssue]:
+    import importlib
+    import inspect
+
+    module, cls = PLANNERS[planner.name].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    known = [n for n in params if n not in ("self", "problem", "seed")]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [SpecIssue(f"planner.options.{k}", f"planner {planner.name!r} has no option {k!r}; "
+                      f"its options are {known or 'none'}")
+            for k in planner.options if k not in known]
+
+
 def parse_campaign(data: Any, source: str = "<campaign>", base_dir: Path | None = None) -> CampaignSpec:
     """Validate a campaign given as plain data; raise ``CampaignError`` listing every problem."""
     if not isinstance(data, dict):
@@ -348,7 +375,9 @@ def load_campaign(path: str | Path) -> CampaignSpec:
     if not p.is_file():
         raise CampaignError(str(p), [SpecIssue("", f"no such file: {p}; give the path of a campaign YAML file")])
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CampaignError(str(p), [SpecIssue("", "not a text file (not UTF-8); give a campaign YAML file")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -31,7 +31,7 @@ def sample_feasible(space: SearchSpace, n: int, seed: int) -> torch.Tensor:
         inequality_constraints=ineq or None,
         equality_constraints=eq or None,
         seed=seed,
-        thinning=16,
+        n_thinning=16,
     )
     return X.clamp(0, 1)
 
@@ -40,7 +40,7 @@ def sobol_points(space: SearchSpace, n: int, seed: int, skip: int = 0) -> torch.
     """``n x d`` scrambled Sobol points after the first ``skip``; constrained spaces fall back
     to :func:`sample_feasible` (a Sobol net does not survive a linear constraint)."""
     if space.constraints:
-        return sample_feasible(space, n, seed + skip)
+        return sample_feasible(space, n, seed * 1_000_003 + skip)  # no overlap between seeds
     engine = SobolEngine(space.dim, scramble=True, seed=seed)
     if skip:
         engine.fast_forward(skip)

@@ -1,0 +1,275 @@
+"""Instruments: a simulated ophyd device run by an InstrumentRunner yields an Observation tied to
+its bluesky run; failures and hangs end the run with the right exit status and leave the
+RunEngine ready for the next trial; tables of real experiments answer with their nearest row."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from instruments import (
+    Instrument,
+    InstrumentRunner,
+    InstrumentTimeout,
+    MeasurementError,
+    Observation,
+    read_observation,
+)
+from simulators import Behaviour, ProblemError, load_problem, load_table, make_simulated_device
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"  # as in conftest.py
+SUZUKI_PARAMS = ["temperature", "pd_mol", "arbpin", "k3po4"]
+
+
+def _runner(problem, name: str = "reactor", behaviour: Behaviour | None = None, timeout: float = 10.0):
+    """A runner for a simulated device of ``problem``; also returns the list every document lands in."""
+    device = make_simulated_device(problem, name, behaviour or Behaviour())
+    docs: list[tuple[str, dict]] = []
+    runner = InstrumentRunner(Instrument(name=name, device=device, outcomes=list(problem.outcomes),
+                                         timeout=timeout),
+                              on_document=lambda n, d: docs.append((n, d)))
+    return runner, device, docs
+
+
+def _only(docs, name: str) -> dict:
+    found = [d for n, d in docs if n == name]
+    assert len(found) == 1, f"expected one {name} document, got {len(found)}"
+    return found[0]
+
+
+# ---- a successful trial -----------------------------------------------------------------
+def test_observation_comes_from_the_run_and_the_start_document_carries_the_metadata():
+    problem = load_problem("branin")
+    runner, device, streamed = _runner(problem)
+    params = {"x1": 2.5, "x2": 7.0}
+
+    observation, docs = runner.run(params, {"trial_id": 17, "campaign": "demo"})
+
+    start = _only(docs, "start")
+    assert isinstance(observation, Observation)
+    assert observation.run_uid == start["uid"]
+    assert start["trial_id"] == 17 and start["campaign"] == "demo"
+    assert observation.values == pytest.approx(problem.evaluate(params))
+    assert set(observation.values) == {"y"}
+    assert _only(docs, "stop")["exit_status"] == "success"
+    assert _only(docs, "stop")["run_start"] == start["uid"]
+    assert [n for n, _ in docs][0] == "start" and [n for n, _ in docs][-1] == "stop"
+    assert streamed == docs  # on_document saw every document, in order
+
+
+def test_event_data_hold_the_parameter_setpoints_and_the_reading():
+    problem = load_problem("branin")
+    runner, device, _ = _runner(problem)
+
+    observation, docs = runner.run({"x1": -3.25, "x2": 11.5}, {"trial_id": 1})
+
+    (event,) = [d for n, d in docs if n == "event"]
+    assert event["data"][device.x1.name] == -3.25
+    assert event["data"][device.x2.name] == 11.5
+    assert event["data"][device.y.name] == pytest.approx(observation.values["y"])
+    assert device.x1.get() == -3.25  # the device was moved there
+
+
+def test_runner_is_idle_after_a_trial_and_runs_the_next_one_as_a_new_run():
+    problem = load_problem("branin")
+    runner, _, _ = _runner(problem)
+
+    first, _ = runner.run({"x1": 0.0, "x2": 0.0}, {"trial_id": 1})
+    second, docs = runner.run({"x1": 9.0, "x2": 3.0}, {"trial_id": 2})
+
+    assert runner.RE.state == "idle"
+    assert runner.activity == "idle"
+    assert first.run_uid != second.run_uid
+    assert _only(docs, "start")["trial_id"] == 2  # the second run's documents only
+    assert second.values == pytest.approx(problem.evaluate({"x1": 9.0, "x2": 3.0}))
+
+
+def test_multi_outcome_problem_reports_every_outcome():
+    problem = load_problem("branincurrin")
+    runner, _, _ = _runner(problem, name="bench")
+    params = {"x1": 0.25, "x2": 0.75}
+
+    observation, _ = runner.run(params, {"trial_id": 3})
+
+    assert set(observation.values) == {"branin", "currin"}
+    assert observation.values == pytest.approx(problem.evaluate(params))
+
+
+# ---- failures and hangs -----------------------------------------------------------------
+def test_failing_instrument_raises_measurement_error_and_the_run_stops_with_fail():
+    runner, _, docs = _runner(load_problem("branin"), name="flaky", behaviour=Behaviour(failure_rate=1.0))
+
+    with pytest.raises(MeasurementError) as info:
+        runner.run({"x1": 1.0, "x2": 2.0}, {"trial_id": 5})
+
+    assert not isinstance(info.value, InstrumentTimeout)
+    start, stop = _only(docs, "start"), _only(docs, "stop")
+    assert stop["exit_status"] == "fail"
+    assert start["uid"] in str(info.value)  # the message names the run
+    assert not [d for n, d in docs if n == "event"]
+    assert runner.RE.state == "idle"
+
+
+def test_hanging_instrument_times_out_aborts_the_run_and_leaves_the_runner_usable():
+    problem = load_problem("branin")
+    runner, device, docs = _runner(problem, name="stuck", behaviour=Behaviour(hang_rate=1.0))
+
+    with pytest.raises(InstrumentTimeout, match="did not finish within 0.3 s"):
+        runner.run({"x1": 1.0, "x2": 2.0}, {"trial_id": 6}, timeout=0.3)
+
+    assert _only(docs, "stop")["exit_status"] == "abort"
+    assert runner.RE.state == "idle"
+    assert runner.activity == "idle"
+
+    device.behaviour = Behaviour()  # the hardware is fixed; the same runner carries on
+    docs.clear()
+    observation, run_docs = runner.run({"x1": 1.0, "x2": 2.0}, {"trial_id": 7})
+
+    assert _only(run_docs, "stop")["exit_status"] == "success"
+    assert _only(run_docs, "start")["trial_id"] == 7
+    assert observation.values == pytest.approx(problem.evaluate({"x1": 1.0, "x2": 2.0}))
+
+
+def test_instrument_timeout_is_a_measurement_error():
+    assert issubclass(InstrumentTimeout, MeasurementError)
+
+
+def test_reader_refuses_runs_without_a_finite_value_for_every_outcome():
+    start = ("start", {"uid": "run-1"})
+    stop_ok = ("stop", {"exit_status": "success", "run_start": "run-1"})
+    keys = {"y": "dev_y"}
+
+    assert read_observation([start, ("event", {"data": {"dev_y": 2.0}}), stop_ok], keys) == \
+        Observation(values={"y": 2.0}, run_uid="run-1")
+    with pytest.raises(MeasurementError, match="no reading 'dev_y'"):
+        read_observation([start, ("event", {"data": {"other": 1.0}}), stop_ok], keys)
+    with pytest.raises(MeasurementError, match="y=nan"):
+        read_observation([start, ("event", {"data": {"dev_y": math.nan}}), stop_ok], keys)
+    with pytest.raises(MeasurementError, match="recorded no event"):
+        read_observation([start, stop_ok], keys)
+    with pytest.raises(MeasurementError, match="ended with abort"):
+        read_observation([start, ("stop", {"exit_status": "abort", "reason": "user"})], keys)
+    with pytest.raises(MeasurementError, match="no start document"):
+        read_observation([stop_ok], keys)
+
+
+# ---- noise and drift --------------------------------------------------------------------
+def _measure(device_seed: int, noise: float = 0.5, drift: float = 0.0, n: int = 3) -> list[float]:
+    runner, _, _ = _runner(load_problem("branin"), behaviour=Behaviour(noise=noise, drift=drift,
+                                                                       seed=device_seed))
+    return [runner.run({"x1": 1.0, "x2": 2.0}, {"trial_id": i})[0].values["y"] for i in range(n)]
+
+
+def test_noise_with_a_fixed_seed_is_reproducible():
+    truth = load_problem("branin").evaluate({"x1": 1.0, "x2": 2.0})["y"]
+
+    a = _measure(device_seed=11)
+    b = _measure(device_seed=11)
+    c = _measure(device_seed=12)
+
+    assert a == b
+    assert a != c
+    assert all(v != truth for v in a)   # the noise is there
+    assert len(set(a)) == 3             # and fresh for every measurement
+
+
+def test_drift_adds_a_fixed_amount_per_measurement():
+    truth = load_problem("branin").evaluate({"x1": 1.0, "x2": 2.0})["y"]
+
+    values = _measure(device_seed=0, noise=0.0, drift=0.25)
+
+    assert values == pytest.approx([truth, truth + 0.25, truth + 0.5])
+
+
+# ---- tables of real experiments -----------------------------------------------------------
+@pytest.mark.parametrize("source", [str(SHARED_DATASETS / "suzuki"), "suzuki"], ids=["shared", "bundled"])
+def test_table_problem_returns_the_measured_value_at_a_measured_row(source):
+    problem = load_table(source)
+    table = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv")
+
+    assert [p.name for p in problem.parameters] == SUZUKI_PARAMS
+    assert problem.outcomes == ["yield"]
+    for i in (0, 57, 123, len(table) - 1):
+        row = table.iloc[i]
+        assert problem.evaluate({p: float(row[p]) for p in SUZUKI_PARAMS}) == {"yield": float(row["yield"])}
+    assert problem.optimum == {"yield": float(table["yield"].max())}
+
+
+def test_table_problem_answers_a_point_between_rows_with_the_nearest_row():
+    problem = load_table(SHARED_DATASETS / "suzuki")
+    table = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv")
+    row = table.iloc[100]
+    near = {p: float(row[p]) for p in SUZUKI_PARAMS}
+    near["temperature"] += 0.01  # a hair off the measured row (range 75..90)
+    near["pd_mol"] -= 0.01
+
+    assert problem.evaluate(near) == {"yield": float(row["yield"])}
+
+
+def test_table_problem_with_categoricals_matches_the_row_with_those_choices():
+    problem = load_table(SHARED_DATASETS / "buchwald_a")
+    table = pd.read_csv(SHARED_DATASETS / "buchwald_a" / "data.csv")
+    names = [p.name for p in problem.parameters]
+    outcome = problem.outcomes[0]
+
+    for i in (0, 400, len(table) - 1):
+        row = table.iloc[i]
+        assert problem.evaluate({n: row[n] for n in names}) == {outcome: float(row[outcome])}
+
+
+def test_table_device_run_through_the_runner_measures_the_rows_yield():
+    problem = load_problem(dataset="suzuki")
+    runner, _, _ = _runner(problem, name="flow-reactor")
+    row = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv").iloc[42]
+
+    observation, _ = runner.run({p: float(row[p]) for p in SUZUKI_PARAMS}, {"trial_id": 42})
+
+    assert observation.values == {"yield": float(row["yield"])}
+
+
+def test_dataset_folder_without_dataset_yaml_names_the_missing_file(tmp_path):
+    (tmp_path / "data.csv").write_text("a,y\n1,2\n")
+
+    with pytest.raises(ProblemError, match="has no dataset.yaml") as info:
+        load_table(tmp_path)
+
+    assert str(tmp_path) in str(info.value)
+
+
+def test_dataset_folder_without_data_csv_names_the_missing_file(tmp_path):
+    (tmp_path / "dataset.yaml").write_text(
+        "parameters:\n  - {name: a, type: float, low: 0, high: 1}\nobjectives:\n  - {name: y}\n")
+
+    with pytest.raises(ProblemError, match="has no data.csv"):
+        load_table(tmp_path)
+
+
+def test_dataset_folder_that_does_not_exist_is_a_problem_error(tmp_path):
+    missing = tmp_path / "no_such_table"
+
+    with pytest.raises(ProblemError, match="no_such_table") as info:
+        load_problem(dataset=missing)
+
+    assert "dataset.yaml" in str(info.value)
+
+
+def test_dataset_whose_table_lacks_a_named_column_names_the_column(tmp_path):
+    (tmp_path / "dataset.yaml").write_text(
+        "parameters:\n  - {name: a, type: float, low: 0, high: 1}\n"
+        "  - {name: b, type: float, low: 0, high: 1}\nobjectives:\n  - {name: y}\n")
+    (tmp_path / "data.csv").write_text("a,y\n0.5,2\n")
+
+    with pytest.raises(ProblemError, match=r"\['b'\]"):
+        load_table(tmp_path)
+
+
+def test_unknown_simulator_and_ambiguous_source_are_problem_errors():
+    with pytest.raises(ProblemError, match="unknown simulator 'rosenbrock'"):
+        load_problem("rosenbrock")
+    with pytest.raises(ProblemError, match="exactly one"):
+        load_problem("branin", dataset="suzuki")
+    with pytest.raises(ProblemError, match="exactly one"):
+        load_problem()
