@@ -58,7 +58,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
+        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
         env.pop("PREFECT_API_URL", None)
         for concurrency in (1, 4):
             campaign = tmp / f"c{concurrency}.yaml"

@@ -184,124 +184,151 @@ def _runs_done(counts: dict[str, int]) -> int:
 @flow(name="labpilot-campaign", persist_result=False, validate_parameters=False, log_prints=False)
 def campaign_flow(runtime: CampaignRuntime) -> CampaignResult:
     """The closed loop for one campaign, until its budget is spent or it is stopped."""
-    spec, ledger, cid = runtime.spec, runtime.ledger, runtime.campaign_id
-    budget = spec.budget
     t_start = time.monotonic()
     runtime.recover()
     runtime.observer.started(runtime)
-    done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
-    free = list(runtime.runners)
-    in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
-    consecutive_failures = 0
-    consecutive_vetoes = 0
-    status, reason = "finished", "budget of trials spent"
-    backlog = [t.id for t in ledger.trials(cid, ("proposed", "approved"))]  # from a resumed run
-
-    def submit(runner: InstrumentRunner, trial_id: int) -> None:
-        trial = next(t for t in ledger.trials(cid, ("approved",)) if t.id == trial_id)
-        ledger.transition(trial_id, "running", "system", f"started on {runner.instrument.name}",
-                          instrument=runner.instrument.name)
-        runtime.observer.trial_changed(runtime, trial.number, "running", runner.instrument.name)
-        in_flight[trial_id] = trial.parameters
-        md = {"campaign": spec.name, "campaign_id": cid, "trial_id": trial_id,
-              "trial_number": trial.number, "instrument": runner.instrument.name,
-              "parameters": trial.parameters}
-        fut = run_trial.submit(runner, trial_id, trial.parameters, md)
-        fut.add_done_callback(lambda f, r=runner, t=trial_id: done_q.put((r, t, f)))
-
-    def gate(trial_id: int, actor_reason: str) -> bool:
-        """Safety veto or approval; True when approved."""
-        trial = next(t for t in ledger.trials(cid) if t.id == trial_id)
-        if trial.state == "approved":
-            return True
-        why = veto_reason(trial.parameters, runtime.problem.space, spec.safety)
-        if why:
-            ledger.transition(trial_id, "vetoed", "system", why)
-            runtime.observer.trial_changed(runtime, trial.number, "vetoed", why)
-            return False
-        ledger.transition(trial_id, "approved", "system", actor_reason)
-        return True
-
-    while True:
-        counts = ledger.counts(cid)
-        elapsed = time.monotonic() - t_start
-        room = budget.max_trials - _runs_done(counts) - len(in_flight)
-        stopping = (
-            runtime.stop_requested.is_set()
-            or (budget.max_wall_time is not None and elapsed >= budget.max_wall_time)
-            or consecutive_failures >= budget.max_consecutive_failures
-            or consecutive_vetoes >= MAX_CONSECUTIVE_VETOES
-        )
-        if stopping and not in_flight:
-            if runtime.stop_requested.is_set():
-                status, reason = "stopped", "stopped by the operator"
-            elif consecutive_failures >= budget.max_consecutive_failures:
-                status, reason = "failed", (f"{consecutive_failures} trials failed in a row; "
-                                            "check the instrument, then resume with 'labpilot run' again")
-            elif consecutive_vetoes >= MAX_CONSECUTIVE_VETOES:
-                status, reason = "failed", (f"{consecutive_vetoes} proposals in a row were vetoed; "
-                                            "the safety envelope and the search space disagree")
-            else:
-                status, reason = "finished", "wall-time budget spent"
-            break
-        if room <= 0 and not in_flight:
-            break
-        t_iter = time.perf_counter()
-        planner_seconds = 0.0
-        if not stopping and free and room > 0:
-            while backlog and free and room > 0:
-                tid = backlog.pop(0)
-                if gate(tid, "resumed: passed the safety envelope"):
-                    submit(free.pop(0), tid)
-                    room -= 1
-            n = min(len(free), room)
-            if n > 0:
-                history = ledger.history(cid)
-                t0 = time.perf_counter()
-                proposals = propose(runtime.planner, n, history, list(in_flight.values()))
-                planner_seconds = time.perf_counter() - t0
-                runtime.timings["propose"].append(planner_seconds)
-                for p in proposals:
-                    tid = ledger.propose(cid, p)
-                    runtime.observer.trial_changed(runtime, -1, "proposed")
-                    if gate(tid, "passed the safety envelope (approval policy: auto)"):
-                        consecutive_vetoes = 0
-                        submit(free.pop(0), tid)
-                    else:
-                        consecutive_vetoes += 1
-            # Orchestration alone: ledger writes, safety gate, task submission (not the planner).
-            runtime.timings["overhead"].append(time.perf_counter() - t_iter - planner_seconds)
-            if not in_flight:
-                continue
-        # Wait for the next trial to finish (a short timeout keeps stop requests responsive).
-        try:
-            runner, tid, fut = done_q.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        t_rec = time.perf_counter()
-        try:
-            outcome: TrialOutcome = fut.result()
-        except Exception as exc:  # the task itself broke or hit its backstop timeout
-            outcome = TrialOutcome(tid, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
-        free.append(runner)
-        in_flight.pop(outcome.trial_id, None)
-        runtime.timings["instrument"].append(outcome.seconds)
-        number = next(t.number for t in ledger.trials(cid) if t.id == outcome.trial_id)
-        if outcome.state == "completed":
-            ledger.complete(outcome.trial_id, outcome.values, outcome.run_uid or "")
-            consecutive_failures = 0
-            runtime.observer.trial_changed(runtime, number, "completed", _fmt(outcome.values))
-        else:
-            ledger.transition(outcome.trial_id, "failed", "system", outcome.reason)
-            consecutive_failures += 1
-            runtime.observer.trial_changed(runtime, number, "failed", outcome.reason)
-        runtime.timings["overhead"].append(time.perf_counter() - t_rec)
-
-    ledger.finish_campaign(cid, status, reason)
-    result = CampaignResult(cid, runtime.output_dir, status, reason, ledger.counts(cid), runtime.best(),
+    loop = _Dispatcher(runtime, t_start)
+    try:
+        status, reason = loop.run()
+    except KeyboardInterrupt:
+        loop.interrupt("interrupted by the operator (Ctrl-C)")
+        runtime.ledger.finish_campaign(runtime.campaign_id, "stopped", "interrupted by the operator")
+        raise
+    runtime.ledger.finish_campaign(runtime.campaign_id, status, reason)
+    result = CampaignResult(runtime.campaign_id, runtime.output_dir, status, reason,
+                            runtime.ledger.counts(runtime.campaign_id), runtime.best(),
                             time.monotonic() - t_start, runtime.timings)
     runtime.observer.finished(runtime, result)
     return result
+
+
+class _Dispatcher:
+    """The loop's state: free stations, trials in flight, failure and veto streaks."""
+
+    def __init__(self, runtime: CampaignRuntime, t_start: float) -> None:
+        self.rt = runtime
+        self.ledger, self.cid, self.spec = runtime.ledger, runtime.campaign_id, runtime.spec
+        self.t_start = t_start
+        self.done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
+        self.free = list(runtime.runners)
+        self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
+        self.consecutive_failures = 0
+        self.consecutive_vetoes = 0
+        # Trials a crashed run had proposed or approved but never started.
+        self.backlog = [t.id for t in self.ledger.trials(self.cid, ("proposed", "approved"))]
+
+    # ---- steps ---------------------------------------------------------------
+    def submit(self, runner: InstrumentRunner, trial_id: int) -> None:
+        trial = self.ledger.trial(trial_id)
+        self.ledger.transition(trial_id, "running", "system", f"started on {runner.instrument.name}",
+                               instrument=runner.instrument.name)
+        self.rt.observer.trial_changed(self.rt, trial.number, "running", runner.instrument.name)
+        self.in_flight[trial_id] = trial.parameters
+        md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
+              "trial_number": trial.number, "instrument": runner.instrument.name,
+              "parameters": trial.parameters}
+        fut = run_trial.submit(runner, trial_id, trial.parameters, md)
+        fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
+
+    def gate(self, trial_id: int, reason: str) -> bool:
+        """The safety veto, then approval (policy: auto); True when approved."""
+        trial = self.ledger.trial(trial_id)
+        if trial.state == "approved":
+            return True
+        why = veto_reason(trial.parameters, self.rt.problem.space, self.spec.safety)
+        if why:
+            self.ledger.transition(trial_id, "vetoed", "system", why)
+            self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
+            return False
+        self.ledger.transition(trial_id, "approved", "system", reason)
+        return True
+
+    def dispatch(self, room: int) -> None:
+        """Fill free stations: first the backlog, then fresh proposals."""
+        t_iter = time.perf_counter()
+        planner_seconds = 0.0
+        while self.backlog and self.free and room > 0:
+            tid = self.backlog.pop(0)
+            if self.gate(tid, "resumed: passed the safety envelope"):
+                self.submit(self.free.pop(0), tid)
+                room -= 1
+        n = min(len(self.free), room)
+        if n > 0:
+            history = self.ledger.history(self.cid)
+            t0 = time.perf_counter()
+            proposals = propose(self.rt.planner, n, history, list(self.in_flight.values()))
+            planner_seconds = time.perf_counter() - t0
+            self.rt.timings["propose"].append(planner_seconds)
+            for p in proposals:
+                tid = self.ledger.propose(self.cid, p)
+                if self.gate(tid, "passed the safety envelope (approval policy: auto)"):
+                    self.consecutive_vetoes = 0
+                    self.submit(self.free.pop(0), tid)
+                else:
+                    self.consecutive_vetoes += 1
+        # Orchestration alone: ledger writes, safety gate, task submission (not the planner).
+        self.rt.timings["overhead"].append(time.perf_counter() - t_iter - planner_seconds)
+
+    def record(self, runner: InstrumentRunner, trial_id: int, fut: Any) -> None:
+        """Write a finished trial's outcome to the ledger and free its station."""
+        t_rec = time.perf_counter()
+        try:
+            outcome: TrialOutcome = fut.result()
+        except Exception as exc:  # the task itself broke: still a recorded failure, never lost
+            outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
+        self.free.append(runner)
+        self.in_flight.pop(trial_id, None)
+        self.rt.timings["instrument"].append(outcome.seconds)
+        number = self.ledger.trial(trial_id).number
+        if outcome.state == "completed":
+            self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
+            self.consecutive_failures = 0
+            self.rt.observer.trial_changed(self.rt, number, "completed", _fmt(outcome.values))
+        else:
+            self.ledger.transition(trial_id, "failed", "system", outcome.reason)
+            self.consecutive_failures += 1
+            self.rt.observer.trial_changed(self.rt, number, "failed", outcome.reason)
+        self.rt.timings["overhead"].append(time.perf_counter() - t_rec)
+
+    def stop_reason(self) -> tuple[str, str] | None:
+        """Why the campaign must stop dispatching, or ``None`` to go on."""
+        budget = self.spec.budget
+        if self.rt.stop_requested.is_set():
+            return "stopped", "stopped by the operator"
+        if self.consecutive_failures >= budget.max_consecutive_failures:
+            return "failed", (f"{self.consecutive_failures} trials failed in a row; check the instrument, "
+                              "then resume with 'labpilot run' again")
+        if self.consecutive_vetoes >= MAX_CONSECUTIVE_VETOES:
+            return "failed", (f"{self.consecutive_vetoes} proposals in a row were vetoed; the safety "
+                              "envelope and the search space disagree")
+        if budget.max_wall_time is not None and time.monotonic() - self.t_start >= budget.max_wall_time:
+            return "finished", "wall-time budget spent"
+        return None
+
+    def run(self) -> tuple[str, str]:
+        while True:
+            counts = self.ledger.counts(self.cid)
+            room = self.spec.budget.max_trials - _runs_done(counts) - len(self.in_flight)
+            stop = self.stop_reason()
+            if not self.in_flight and (stop is not None or room <= 0):
+                return stop or ("finished", "budget of trials spent")
+            if stop is None and self.free and room > 0:
+                self.dispatch(room)
+                if not self.in_flight:
+                    continue
+            try:  # a short timeout keeps stop requests and the wall-time budget responsive
+                runner, trial_id, fut = self.done_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.record(runner, trial_id, fut)
+
+    def interrupt(self, reason: str) -> None:
+        """Abort every run in flight and record those trials as abandoned by the operator."""
+        for runner in self.rt.runners:
+            if runner.RE.state != "idle":
+                runner.RE.abort(reason=reason)
+        for trial_id in list(self.in_flight):
+            self.ledger.transition(trial_id, "abandoned", "operator", reason)
 
 
 def _fmt(values: dict[str, float]) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.orm import (
@@ -35,6 +36,7 @@ from sqlalchemy.orm import (
     Session,
     mapped_column,
     relationship,
+    selectinload,
     sessionmaker,
 )
 
@@ -266,20 +268,33 @@ class Ledger:
 
     # ---- reading ------------------------------------------------------------
     def trials(self, campaign_id: int, states: tuple[str, ...] | None = None) -> list[TrialRow]:
+        """The campaign's trials in order, with observation, proposal and events loaded."""
         with self._sessions() as s:
-            q = select(TrialRow).where(TrialRow.campaign_id == campaign_id).order_by(TrialRow.number)
+            q = (select(TrialRow).where(TrialRow.campaign_id == campaign_id).order_by(TrialRow.number)
+                 .options(selectinload(TrialRow.observation), selectinload(TrialRow.proposal),
+                          selectinload(TrialRow.events)))
             if states:
                 q = q.where(TrialRow.state.in_(states))
-            rows = list(s.scalars(q))
-            for r in rows:  # load before the session closes
-                _ = r.observation, r.proposal, r.events
-            return rows
+            return list(s.scalars(q))
+
+    def trial(self, trial_id: int) -> TrialRow:
+        with self._sessions() as s:
+            row = s.get(TrialRow, trial_id)
+            if row is None:
+                raise LookupError(f"no trial with id {trial_id}")
+            _ = row.observation, row.proposal, row.events
+            return row
 
     def history(self, campaign_id: int) -> list[HistoryItem]:
         """What a planner learns from: completed trials with outcomes, failed ones, and vetoed ones
         (as failures: the envelope forbids that point, so do not propose it again)."""
         out = []
-        for t in self.trials(campaign_id, ("completed", "failed", "vetoed")):
+        with self._sessions() as s:
+            rows = s.scalars(
+                select(TrialRow).where(TrialRow.campaign_id == campaign_id,
+                                       TrialRow.state.in_(("completed", "failed", "vetoed")))
+                .order_by(TrialRow.number).options(selectinload(TrialRow.observation))).all()
+        for t in rows:
             if t.state == "completed" and t.observation is not None:
                 out.append(HistoryItem(t.parameters, "completed", dict(t.observation.values)))
             elif t.state in ("failed", "vetoed"):
@@ -288,8 +303,11 @@ class Ledger:
 
     def counts(self, campaign_id: int) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        for t in self.trials(campaign_id):
-            counts[t.state] += 1
+        with self._sessions() as s:
+            q = (select(TrialRow.state, func.count()).where(TrialRow.campaign_id == campaign_id)
+                 .group_by(TrialRow.state))
+            for state, n in s.execute(q):
+                counts[state] = n
         return counts
 
     def trials_frame(self, campaign_id: int) -> pd.DataFrame:

@@ -244,3 +244,49 @@ def test_status_lists_every_trial_with_its_state(write_campaign, tmp_path, capsy
     assert "e2e-branin" in shown and shown.count("completed") >= 3
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "holds no ledger" in capsys.readouterr().err
+
+
+def test_ctrl_c_abandons_the_running_trial_and_a_rerun_resumes(write_campaign, tmp_path, prefect_api_url):
+    """SIGINT mid-trial: the run is aborted, the trial recorded as abandoned by the operator,
+    the process exits 1 and says how to resume; resuming finishes the budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = BRANIN.replace("latency: 0.01}", "latency: 1.5}").replace(
+        "planner: {name: bo, options: {initial_trials: 4, num_restarts: 2, raw_samples: 64}}",
+        "planner: {name: sobol}").replace("max_trials: 8", "max_trials: 3")
+    path = write_campaign(text)
+    out = tmp_path / "run"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--output", str(out),
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ledger_file = out / "ledger.sqlite"
+    deadline = time.monotonic() + 120
+    running = False
+    while time.monotonic() < deadline and not running:
+        time.sleep(0.2)
+        if ledger_file.exists():
+            ledger = Ledger(sqlite_url(out))
+            try:
+                running = ledger.counts(ledger.campaign().id)["running"] > 0
+            except LookupError:
+                pass
+            ledger.close()
+    assert running, "the campaign never started a trial"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = " ".join(err.split())  # the console wraps long lines
+    assert proc.returncode == 1
+    assert "to resume" in err and "Traceback" not in err
+    ledger, cid = _ledger(out)
+    abandoned = ledger.trials(cid, ("abandoned",))
+    assert len(abandoned) == 1 and abandoned[0].events[-1].actor == "operator"
+    assert ledger.counts(cid)["running"] == 0
+    ledger.close()
+
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    ledger, cid = _ledger(out)
+    assert ledger.counts(cid)["completed"] == 3
