@@ -161,6 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         live = console.is_terminal and not args.quiet
         runtime = CampaignRuntime(spec, output_dir, observer=TerminalProgress(live))
         t_setup = time.perf_counter() - t0
+        if api.started_server or api.url is None:
+            with console.status("starting Prefect's local server (set PREFECT_API_URL to use a running one)"):
+                api.wait()
         api.wait()
         t_ready = time.perf_counter() - t0
         with api.settings():

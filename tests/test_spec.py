@@ -495,3 +495,17 @@ def _data(**overrides) -> dict:
     }
     data.update(overrides)
     return data
+
+
+def test_installed_labpilot_command_reports_a_bad_file_and_exits_2(write_campaign):
+    """The console script a user types, not just ``main()``: exit code 2, message, no traceback."""
+    import subprocess
+    import sys
+
+    path = write_campaign(GOOD.replace("upper: 15", "upper: -1"))
+    labpilot = Path(sys.executable).parent / "labpilot"
+    proc = subprocess.run([str(labpilot), "validate", str(path)], capture_output=True, text=True, timeout=120)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2
+    assert "parameters[1]" in err and "bounds reversed" in err
+    assert "Traceback" not in proc.stderr
