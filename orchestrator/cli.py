@@ -316,6 +316,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+    import shlex
+
+    from orchestrator.bench import parse_problem, run_bench, write
+    from planners import PLANNERS
+
+    problems = [p for group in args.problems for p in group.split(",") if p]
+    planners = [p for group in args.planners for p in group.split(",") if p]
+    unknown = [p for p in planners if p not in PLANNERS]
+    if unknown:
+        err_console.print(f"[bold red]error[/]: unknown planner(s) {unknown}; choose from {sorted(PLANNERS)}")
+        return EXIT_BAD_INPUT
+    try:
+        for p in problems:
+            parse_problem(p)
+        options = json.loads(args.options) if args.options else {}
+        if not isinstance(options, dict):
+            raise ValueError("--options must be a JSON object such as '{\"bo\": {\"num_restarts\": 4}}'")
+    except (ValueError, json.JSONDecodeError) as exc:
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    if args.initial >= args.budget:
+        err_console.print("[bold red]error[/]: --initial must be smaller than --budget")
+        return EXIT_BAD_INPUT
+    command = "labpilot bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
+        else "labpilot bench (called from Python)"
+    meta = {"command": command, "seeds": args.seeds, "budget": args.budget, "batch": args.batch,
+            "initial": args.initial, "python": platform.python_version()}
+    t0 = time.perf_counter()
+    result = run_bench(problems, planners, args.seeds, args.budget, args.batch, args.initial, options,
+                       progress=None if args.quiet else lambda line: console.print(f"[dim]{line}[/]"))
+    md = write(result, {**meta, "seconds": time.perf_counter() - t0}, Path(args.out))
+    console.print(md.read_text(), markup=False)
+    console.print(f"wrote {args.out} and {md} in {time.perf_counter() - t0:.0f} s")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labpilot", description="Run self-driving-laboratory campaigns.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -335,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="campaign directory")
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("bench", help="run planners side by side on problems with paired seeds")
+    p.add_argument("--problems", nargs="+", required=True,
+                   help="branin, hartmann6, branincurrin, branin_failing, NAME-noisy, NAME:noise=SD, or a "
+                        "dataset folder (comma- or space-separated)")
+    p.add_argument("--planners", nargs="+", required=True, help="e.g. bo,ax,random,sobol")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--budget", type=int, default=30, help="trials per run, the initial design included")
+    p.add_argument("--batch", type=int, default=1, help="trials per proposal (q)")
+    p.add_argument("--initial", type=int, default=5, help="initial design, shared by all planners")
+    p.add_argument("--options", help="planner options as JSON: '{\"bo\": {\"num_restarts\": 4}}'")
+    p.add_argument("--out", default="bench.json", help="JSON file; a Markdown table is written beside it")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -9,7 +9,11 @@ from planners.base import HistoryItem, Planner, Problem, Proposal
 PLANNERS: dict[str, str] = {
     "random": "planners.baselines:RandomPlanner",
     "sobol": "planners.baselines:SobolPlanner",
+    "lhs": "planners.baselines:LatinHypercubePlanner",
+    "grid": "planners.baselines:GridPlanner",
     "bo": "planners.bo:BayesianPlanner",
+    "ax": "planners.ax_adapter:AxPlanner",
+    "rl": "planners.rl:RLPlanner",
 }
 
 

@@ -43,6 +43,9 @@ class Problem:
     space: SearchSpace
     objectives: list[Objective]
     outcome_constraints: list[OutcomeConstraint] = field(default_factory=list)
+    #: The rows a planner may choose from, for a table that is the whole world
+    #: (``kind: pool``); ``None`` for a continuous search space.
+    pool: tuple[dict[str, Any], ...] | None = None
 
     @property
     def outcome_names(self) -> list[str]:
@@ -80,6 +83,17 @@ class Planner(ABC):
     ) -> list[Proposal]:
         """Propose ``n`` trials given the finished ``history`` and the ``pending`` (running) points."""
 
+    def untried_pool(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[int]:
+        """Indices of the pool rows neither in ``history`` nor ``pending`` (pool mode only)."""
+        assert self.problem.pool is not None, "untried_pool needs a problem with a pool"
+        seen = {row_key(h.parameters) for h in history} | {row_key(p) for p in pending}
+        return [i for i, row in enumerate(self.problem.pool) if row_key(row) not in seen]
+
     def step_seed(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> int:
         """A seed for this call: fixed by the campaign seed and how far the campaign has got."""
         return self.seed * 1_000_003 + 7919 * len(history) + len(pending)
+
+
+def row_key(point: dict[str, Any]) -> tuple:
+    """A hashable identity of a point, tolerant of float round-off (pool rows, repeats)."""
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else str(v)) for k, v in point.items()))

@@ -1,19 +1,36 @@
-"""Bayesian optimisation on BoTorch: a GP per outcome, log-noisy-EI or log-noisy-EHVI.
+"""Bayesian optimisation on BoTorch: GPs on the outcomes, log-noisy-EI or log-noisy-EHVI.
 
 One objective: qLogNoisyExpectedImprovement (Ament et al., "Unexpected
 Improvements to Expected Improvement for Bayesian Optimization", NeurIPS 2023).
 Several: qLogNoisyExpectedHypervolumeImprovement (Daulton et al., "Parallel
 Bayesian Optimization of Multiple Noisy Objectives with Expected Hypervolume
-Improvement", NeurIPS 2021, with the log form of Ament et al.).
-Outcome constraints enter as BoTorch constraint callables; running trials as
-``X_pending``; linear constraints and sum-to-total fractions as the
-inequality/equality constraints of ``optimize_acqf``.
+Improvement", NeurIPS 2021, in the log form of Ament et al.).
+
+What the model sees (all composed, nothing hidden in the search space):
+  - each objective as a *utility* (larger is better) with its bad tail
+    log-compressed (:func:`tail_warp`), so a few disastrous experiments do not
+    flatten the model where the good ones are; a ``target`` objective is
+    modelled raw and scored as ``-|y - target|`` in the acquisition's objective;
+  - each constrained outcome raw, entering as a BoTorch constraint callable;
+  - when some trials failed, a second GP on success (1) / failure (0) over all
+    trials, entering as the constraint "predicted success >= 0.5", so the
+    acquisition avoids regions where experiments fail (Gelbart, Snoek and
+    Adams, "Bayesian Optimization with Unknown Constraints", UAI 2014, with a
+    GP-regression stand-in for the classifier);
+  - running trials as ``X_pending``; linear constraints and sum-to-total
+    fractions as the inequality/equality constraints of ``optimize_acqf``;
+    categoricals one-hot, optimised over their combinations with
+    ``optimize_acqf_mixed``; integers relaxed and rounded (the proposal is
+    always a legal value, and the prediction is made at that legal value);
+  - in pool mode (a table that is the whole world) the acquisition is
+    maximised over the untried rows with ``optimize_acqf_discrete``.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import torch
@@ -23,22 +40,40 @@ from botorch.acquisition.multi_objective.logei import (
 )
 from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
 from botorch.acquisition.objective import GenericMCObjective
+from botorch.exceptions.warnings import BotorchWarning, InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
+from botorch.models import ModelListGP, SingleTaskGP
 from botorch.models.transforms.outcome import Standardize
-from botorch.optim import optimize_acqf, optimize_acqf_mixed
+from botorch.optim import optimize_acqf, optimize_acqf_discrete, optimize_acqf_mixed
 from botorch.sampling import SobolQMCNormalSampler
 from botorch.utils.multi_objective.hypervolume import infer_reference_point
 from botorch.utils.sampling import manual_seed
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
-from planners.baselines import sobol_points
+from planners.baselines import _proposals, sobol_points
 
 
 def torch_device() -> torch.device:
     """``cuda`` when there is one, the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tail_warp(u: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+    """Warp utilities (``n``, larger is better): centre on the median, scale by the spread,
+    and log-compress only the side below the median. Returns the warped values and the
+    ``(centre, scale)`` that :func:`tail_unwarp` needs. Monotone, so the best stays best."""
+    centre = float(u.median())
+    mad = float((u - centre).abs().median()) * 1.4826
+    scale = mad if mad > 1e-12 else float(u.std()) if len(u) > 1 and float(u.std()) > 1e-12 else 1.0
+    z = (u - centre) / scale
+    return torch.where(z >= 0, z, -torch.log1p(-z.clamp(max=0))), (centre, scale)
+
+
+def tail_unwarp(w: torch.Tensor, centre: float, scale: float) -> torch.Tensor:
+    """Inverse of :func:`tail_warp`."""
+    z = torch.where(w >= 0, w, -torch.expm1(-w.clamp(max=0)))
+    return centre + scale * z
 
 
 class BayesianPlanner(Planner):
@@ -49,6 +84,9 @@ class BayesianPlanner(Planner):
       - ``num_restarts`` / ``raw_samples`` (8 / 256): acquisition optimiser budget.
       - ``mc_samples`` (128): quasi-Monte-Carlo samples of the acquisition.
       - ``max_categorical_combinations`` (24): one-hot assignments tried per proposal.
+      - ``feasibility_model`` (true): learn where experiments fail from failed trials.
+      - ``reference_point`` (none): for several objectives, the outcome values (as
+        measured) below which a result is worthless; inferred from the data if absent.
     """
 
     name = "bo"
@@ -62,36 +100,22 @@ class BayesianPlanner(Planner):
         raw_samples: int = 256,
         mc_samples: int = 128,
         max_categorical_combinations: int = 24,
+        feasibility_model: bool = True,
+        reference_point: list[float] | None = None,
     ) -> None:
         super().__init__(problem, seed)
         if initial_trials < 1:
             raise ValueError("initial_trials must be at least 1")
+        if reference_point is not None and len(reference_point) != len(problem.objectives):
+            raise ValueError(f"reference_point needs one value per objective ({len(problem.objectives)})")
         self.initial_trials = int(initial_trials)
         self.num_restarts = int(num_restarts)
         self.raw_samples = int(raw_samples)
         self.mc_samples = int(mc_samples)
         self.max_categorical_combinations = int(max_categorical_combinations)
+        self.feasibility_model = bool(feasibility_model)
+        self.reference_point = reference_point
         self.tkwargs: dict[str, Any] = {"device": torch_device(), "dtype": torch.double}
-
-    # ---- helpers ---------------------------------------------------------
-    def _utility(self, Y: torch.Tensor) -> torch.Tensor:
-        """``... x m`` raw outcomes -> ``... x k`` objective utilities (larger is better)."""
-        return torch.stack(
-            [o.utility(Y[..., i]) for i, o in enumerate(self.problem.objectives)], dim=-1
-        )
-
-    def _constraints(self) -> list:
-        names = self.problem.outcome_names
-
-        def slack(c, i):  # bind c and i now, not when BoTorch calls it
-            return lambda Z: c.slack(Z[..., i])
-
-        return [slack(c, names.index(c.name)) for c in self.problem.outcome_constraints]
-
-    def _fit(self, X: torch.Tensor, Y: torch.Tensor) -> SingleTaskGP:
-        model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]))
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
-        return model
 
     # ---- the interface ---------------------------------------------------
     def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
@@ -104,68 +128,42 @@ class BayesianPlanner(Planner):
         seed = self.step_seed(history, pending)
         if len(completed) < self.initial_trials:
             X = sobol_points(space, n, self.seed, skip=len(history) + len(pending))
-            return [Proposal(parameters=p, planner=self.name, seed=seed) for p in space.decode(X)]
+            return _proposals(self, X, history, pending, seed)
 
-        with manual_seed(seed):
-            X = space.encode([h.parameters for h in completed]).to(**self.tkwargs)
-            Y = torch.tensor(
-                [[float(h.outcomes[k]) for k in names] for h in completed], **self.tkwargs
-            )
-            model = self._fit(X, Y)
+        with manual_seed(seed), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=OptimizationWarning)
+            warnings.simplefilter("ignore", category=InputDataWarning)
+            warnings.simplefilter("ignore", category=BotorchWarning)
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            failed = [h for h in history if h.state == "failed"] if self.feasibility_model else []
+            setup = _ModelSetup(self, completed, failed)
             X_pending = space.encode(pending).to(**self.tkwargs) if pending else None
-            acqf = self._acquisition(model, X, Y, X_pending, seed)
-            candidates = self._optimize(acqf, n)
-            legal = space.encode(space.decode(candidates)).to(**self.tkwargs)
+            acqf = setup.acquisition(X_pending, seed, self.mc_samples)
+            if self.problem.pool is not None:
+                legal, rows = self._optimize_pool(acqf, n, history, pending)
+            else:
+                candidates = self._optimize(acqf, n)
+                legal, rows = space.encode(space.decode(candidates)).to(**self.tkwargs), None
+            mean, sd = setup.predict(legal)
             with torch.no_grad():
-                post = model.posterior(legal)
-                mean, var = post.mean, post.variance
                 values = [float(acqf(legal[i : i + 1].unsqueeze(0))) for i in range(len(legal))]
-        version = f"gp-{len(completed)}"
-        out = []
-        for i, params in enumerate(space.decode(legal)):
-            out.append(
-                Proposal(
-                    parameters=params,
-                    planner=self.name,
-                    seed=seed,
-                    predicted_mean={k: float(mean[i, j]) for j, k in enumerate(names)},
-                    predicted_sd={k: float(var[i, j].clamp_min(0).sqrt()) for j, k in enumerate(names)},
-                    acquisition_value=values[i],
-                    model_version=version,
-                )
+        version = f"gp-{len(completed)}" + (f"+{len(failed)}f" if failed else "")
+        params = ([dict(self.problem.pool[i]) for i in rows] if rows is not None  # type: ignore[index]
+                  else space.decode(legal))
+        return [
+            Proposal(
+                parameters=p,
+                planner=self.name,
+                seed=seed,
+                predicted_mean={k: float(mean[i, j]) for j, k in enumerate(names)},
+                predicted_sd={k: float(sd[i, j]) for j, k in enumerate(names)},
+                acquisition_value=values[i],
+                model_version=version,
             )
-        return out
+            for i, p in enumerate(params)
+        ]
 
-    def _acquisition(self, model, X, Y, X_pending, seed):
-        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([self.mc_samples]), seed=seed)
-        constraints = self._constraints() or None
-        k = len(self.problem.objectives)
-        if k == 1:
-            return qLogNoisyExpectedImprovement(
-                model=model,
-                X_baseline=X,
-                sampler=sampler,
-                objective=GenericMCObjective(lambda Z, X=None: self._utility(Z)[..., 0]),
-                constraints=constraints,
-                X_pending=X_pending,
-                prune_baseline=True,
-            )
-        utilities = self._utility(Y)
-        feasible = torch.ones(len(Y), dtype=torch.bool, device=Y.device)
-        for c in self.problem.outcome_constraints:
-            feasible &= c.slack(Y[:, self.problem.outcome_names.index(c.name)]) <= 0
-        ref = infer_reference_point(utilities[feasible] if feasible.any() else utilities)
-        return qLogNoisyExpectedHypervolumeImprovement(
-            model=model,
-            ref_point=ref.tolist(),
-            X_baseline=X,
-            sampler=sampler,
-            objective=GenericMCMultiOutputObjective(lambda Z, X=None: self._utility(Z)),
-            constraints=constraints,
-            X_pending=X_pending,
-            prune_baseline=True,
-        )
-
+    # ---- acquisition optimisation -----------------------------------------
     def _optimize(self, acqf, q: int) -> torch.Tensor:
         space = self.problem.space
         d = space.dim
@@ -192,9 +190,135 @@ class BayesianPlanner(Planner):
         X, _ = optimize_acqf_mixed(fixed_features_list=combos, **common)
         return X
 
+    def _optimize_pool(self, acqf, q: int, history, pending) -> tuple[torch.Tensor, list[int]]:
+        untried = self.untried_pool(history, pending)
+        if len(untried) < q:
+            raise ValueError(f"the pool has {len(untried)} untried rows, fewer than the {q} asked for")
+        choices = self.problem.space.encode([self.problem.pool[i] for i in untried]).to(**self.tkwargs)  # type: ignore[index]
+        X, _ = optimize_acqf_discrete(acqf, q=q, choices=choices, max_batch_size=2048, unique=True)
+        index = {tuple(row.tolist()): untried[i] for i, row in enumerate(choices)}
+        return X, [index[tuple(row.tolist())] for row in X]
+
+
+class _ModelSetup:
+    """The models of one ``ask`` and how their outputs map to objectives and constraints.
+
+    Outputs, in order: one per objective (warped utility, or raw for a target goal),
+    one per constrained outcome (raw), then success probability if trials failed.
+    """
+
+    def __init__(self, planner: BayesianPlanner, completed: list[HistoryItem], failed: list[HistoryItem]):
+        self.p = planner
+        problem, tk = planner.problem, planner.tkwargs
+        self.objectives = problem.objectives
+        self.constraints = problem.outcome_constraints
+        space = problem.space
+        self.X = space.encode([h.parameters for h in completed]).to(**tk)
+        columns, self.unwarp = [], []
+        for o in self.objectives:
+            raw = torch.tensor([float(h.outcomes[o.name]) for h in completed], **tk)
+            if o.goal == "target":
+                columns.append(raw)
+                self.unwarp.append(None)
+            else:
+                w, (c, s) = tail_warp(o.utility(raw))
+                columns.append(w)
+                self.unwarp.append((c, s, o.goal))
+        for c in self.constraints:
+            columns.append(torch.tensor([float(h.outcomes[c.name]) for h in completed], **tk))
+        self.Y_raw = torch.tensor([[float(h.outcomes[o.name]) for o in self.objectives] for h in completed], **tk)
+        Y = torch.stack(columns, dim=-1)
+        main = _fit(SingleTaskGP(self.X, Y, outcome_transform=Standardize(m=Y.shape[-1])))
+        self.n_main = Y.shape[-1]
+        self.feasibility = None
+        if failed:
+            Xf = torch.cat([self.X, space.encode([h.parameters for h in failed]).to(**tk)])
+            ok = torch.cat([torch.ones(len(completed), 1, **tk), torch.zeros(len(failed), 1, **tk)])
+            self.feasibility = _fit(SingleTaskGP(Xf, ok, outcome_transform=Standardize(m=1)))
+            self.model = ModelListGP(main, self.feasibility)
+        else:
+            self.model = main
+
+    def _utilities(self, Z: torch.Tensor) -> torch.Tensor:
+        """``... x outputs`` model samples -> ``... x k`` utilities (larger is better)."""
+        cols = []
+        for i, o in enumerate(self.objectives):
+            cols.append(-(Z[..., i] - o.target).abs() if o.goal == "target" else Z[..., i])
+        return torch.stack(cols, dim=-1)
+
+    def _constraint_callables(self) -> list:
+        out = []
+        k = len(self.objectives)
+        for j, c in enumerate(self.constraints):
+            out.append(lambda Z, i=k + j, c=c: c.slack(Z[..., i]))  # noqa: B008
+        if self.feasibility is not None:
+            out.append(lambda Z, i=self.n_main: 0.5 - Z[..., i])
+        return out
+
+    def acquisition(self, X_pending: torch.Tensor | None, seed: int, mc_samples: int):
+        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([mc_samples]), seed=seed)
+        constraints = self._constraint_callables() or None
+        if len(self.objectives) == 1:
+            return qLogNoisyExpectedImprovement(
+                model=self.model, X_baseline=self.X, sampler=sampler,
+                objective=GenericMCObjective(lambda Z, X=None: self._utilities(Z)[..., 0]),
+                constraints=constraints, X_pending=X_pending, prune_baseline=True,
+            )
+        with torch.no_grad():
+            U = self._utilities(self.model.posterior(self.X).mean)
+        if self.p.reference_point is not None:
+            ref = self._utility_of_reference(torch.tensor(self.p.reference_point, **self.p.tkwargs))
+        else:
+            ref = infer_reference_point(U)
+        return qLogNoisyExpectedHypervolumeImprovement(
+            model=self.model, ref_point=ref.tolist(), X_baseline=self.X, sampler=sampler,
+            objective=GenericMCMultiOutputObjective(lambda Z, X=None: self._utilities(Z)),
+            constraints=constraints, X_pending=X_pending, prune_baseline=True,
+        )
+
+    def _utility_of_reference(self, ref_raw: torch.Tensor) -> torch.Tensor:
+        """A reference point given in measured units, in the model's (warped) utility space."""
+        out = []
+        for i, o in enumerate(self.objectives):
+            if self.unwarp[i] is None:
+                out.append(-(ref_raw[i] - o.target).abs())
+                continue
+            c, s, _ = self.unwarp[i]
+            z = (o.utility(ref_raw[i]) - c) / s
+            out.append(torch.where(z >= 0, z, -torch.log1p(-z.clamp(max=0))))
+        return torch.stack(out)
+
+    def predict(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted mean and standard deviation of every outcome in measured units (``q x m``),
+        from posterior samples mapped back through the warp."""
+        with torch.no_grad():
+            samples = self.model.posterior(X).rsample(torch.Size([256]))  # 256 x q x outputs
+        cols = []
+        for i in range(len(self.objectives)):
+            z = samples[..., i]
+            if self.unwarp[i] is not None:
+                c, s, goal = self.unwarp[i]
+                u = tail_unwarp(z, c, s)
+                z = u if goal == "maximize" else -u
+            cols.append(z)
+        objective_names = [o.name for o in self.objectives]
+        for j, c in enumerate(self.constraints):  # outcome_names lists each outcome once
+            if c.name not in objective_names:
+                cols.append(samples[..., len(self.objectives) + j])
+        S = torch.stack(cols, dim=-1)
+        return S.mean(dim=0), S.std(dim=0)
+
+
+def _fit(model: SingleTaskGP) -> SingleTaskGP:
+    fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    return model
+
 
 def _finite(value: Any) -> bool:
     try:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+__all__ = ["BayesianPlanner", "tail_warp", "tail_unwarp", "torch_device"]

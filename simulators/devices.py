@@ -77,6 +77,9 @@ class SimulatedInstrumentBase(Device):
             if draw < b.hang_rate + b.failure_rate:
                 status.set_exception(InstrumentFault(f"{self.name}: simulated measurement fault"))
                 return
+            if self.problem.fails is not None and self.problem.fails(point):
+                status.set_exception(InstrumentFault(f"{self.name}: the experiment failed at {point}"))
+                return
             try:
                 values = self.problem.evaluate(point)
             except Exception as exc:  # the physics itself failed: report, do not hang

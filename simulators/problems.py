@@ -48,6 +48,11 @@ class SimProblem:
     constraints: list[LinearConstraint] = field(default_factory=list)
     source: str | None = None
     table: pd.DataFrame | None = None
+    #: Where experiments fail (the physics breaks: a clogged line, a cracked part);
+    #: ``None`` where nothing fails.
+    fails: Callable[[dict[str, Any]], bool] | None = None
+    #: ``pool`` for a table that is the whole world (a planner may only pick its rows).
+    kind: str = "continuous"
 
 
 def _botorch_problem(fn, names: list[str], outcomes: list[str], goals: list[str], name: str,
@@ -99,10 +104,20 @@ def branincurrin() -> SimProblem:
     return p
 
 
+def branin_failing() -> SimProblem:
+    """Branin where every experiment with ``x2 > 9 - 0.4 * x1`` fails (47 % of the square,
+    one of the three minima inside): a planner that does not learn it wastes trials there."""
+    p = branin()
+    p.name = "branin_failing"
+    p.fails = lambda point: float(point["x2"]) > 9.0 - 0.4 * float(point["x1"])
+    return p
+
+
 ANALYTIC: dict[str, Callable[[], SimProblem]] = {
     "branin": branin,
     "hartmann6": hartmann6,
     "branincurrin": branincurrin,
+    "branin_failing": branin_failing,
 }
 
 
@@ -199,6 +214,7 @@ def load_table(folder: str | Path) -> SimProblem:
         constraints=constraints,
         source=meta.get("source"),
         table=table,
+        kind=str(meta.get("kind", "continuous")),
     )
 
 

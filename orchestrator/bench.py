@@ -1,0 +1,288 @@
+"""``labpilot bench``: planners side by side on the same problems, seeds and initial designs.
+
+Every planner runs on every problem with paired seeds: for seed ``s`` all
+planners start from the same initial design (scrambled Sobol points, or
+random rows of a pool), then each asks for ``batch`` trials at a time until
+the budget is spent. Outcomes of noisy problems are observed with noise;
+traces and regrets are scored on the noise-free values of the evaluated
+points (the convention of BoTorch's studies). Pools are scored as in Liang et
+al., npj Comput. Mater. 7, 188 (2021): Top% (fraction of the best 5 % of rows
+found), and enhancement and acceleration factors against random picks, whose
+expected Top% after N picks is N / rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.report import best_so_far
+from planners import make_planner
+from planners.base import HistoryItem, Problem
+from planners.baselines import sobol_points
+from planners.space import SearchSpace
+from simulators.problems import ANALYTIC, SimProblem, load_table
+
+# Noise of the noisy variants: BoTorch's multi-objective tutorial uses these for BraninCurrin.
+NOISY = {"branincurrin": [15.19, 0.63], "branin": [1.0], "hartmann6": [0.05]}
+TOP_LEVELS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class BenchProblem:
+    """A problem as the benchmark sees it: what to optimise and how to score it."""
+
+    label: str
+    sim: SimProblem
+    problem: Problem
+    noise: list[float]
+
+    @property
+    def is_pool(self) -> bool:
+        return self.problem.pool is not None
+
+
+def parse_problem(text: str) -> BenchProblem:
+    """``branin``, ``hartmann6``, ``branincurrin``, ``branin_failing``, ``NAME-noisy`` (or
+    ``NAME:noise=0.1``), or the path of a dataset folder (``data.csv`` + ``dataset.yaml``)."""
+    name, _, opts = text.partition(":")
+    noise: list[float] = []
+    base = name
+    if name.endswith("-noisy"):
+        base = name.removesuffix("-noisy")
+        noise = NOISY.get(base, [0.1])
+    if opts.startswith("noise="):
+        noise = [float(v) for v in opts.removeprefix("noise=").split("/")]
+    if base in ANALYTIC:
+        sim = ANALYTIC[base]()
+    elif Path(base).is_dir():
+        sim = load_table(base)
+    else:
+        raise ValueError(f"unknown problem {text!r}; use one of {sorted(ANALYTIC)} (optionally with "
+                         "'-noisy' or ':noise=SD'), or the path of a dataset folder")
+    space = SearchSpace(parameters=sim.parameters, constraints=sim.constraints)
+    pool = None
+    if sim.kind == "pool" and sim.table is not None:
+        names = [p.name for p in sim.parameters]
+        pool = tuple(
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in sim.table[names].to_dict("records")
+        )
+    problem = Problem(space=space, objectives=list(sim.objectives), pool=pool)
+    if noise and len(noise) == 1:
+        noise = noise * len(sim.outcomes)
+    label = Path(base).name if Path(base).is_dir() else name
+    if opts:
+        label = f"{label}:{opts}"
+    return BenchProblem(label, sim, problem, noise)
+
+
+def _observe(bp: BenchProblem, point: dict[str, Any], rng: np.random.Generator) -> tuple[HistoryItem, dict]:
+    """Run one simulated experiment: (what the planner sees, the noise-free truth or {} if failed)."""
+    sim = bp.sim
+    if sim.fails is not None and sim.fails(point):
+        return HistoryItem(point, "failed"), {}
+    truth = sim.evaluate(point)
+    seen = dict(truth)
+    for i, o in enumerate(sim.outcomes):
+        if bp.noise:
+            seen[o] = truth[o] + bp.noise[i] * float(rng.normal())
+    return HistoryItem(point, "completed", seen), truth
+
+
+def initial_design(bp: BenchProblem, n: int, seed: int) -> list[dict[str, Any]]:
+    """The paired initial design of seed ``seed``: Sobol points, or distinct random pool rows."""
+    if bp.is_pool:
+        rows = np.random.default_rng(10_000 + seed).choice(len(bp.problem.pool), size=n, replace=False)
+        return [dict(bp.problem.pool[int(i)]) for i in rows]
+    return bp.problem.space.decode(sobol_points(bp.problem.space, n, seed=10_000 + seed))
+
+
+def run_one(bp: BenchProblem, planner_name: str, seed: int, budget: int, batch: int, initial: int,
+            options: dict[str, Any]) -> dict[str, Any]:
+    """One planner on one problem with one seed; returns the raw record of the run."""
+    rng = np.random.default_rng(seed)
+    planner = make_planner(planner_name, bp.problem, seed=seed, options=options)
+    history: list[HistoryItem] = []
+    truths: list[dict] = []
+    for point in initial_design(bp, initial, seed):
+        h, t = _observe(bp, point, rng)
+        history.append(h)
+        truths.append(t)
+    seconds = []
+    while len(history) < budget:
+        q = min(batch, budget - len(history))
+        t0 = time.perf_counter()
+        proposals = planner.ask(q, history, [])
+        seconds.append(time.perf_counter() - t0)
+        for p in proposals:
+            h, t = _observe(bp, p.parameters, rng)
+            history.append(h)
+            truths.append(t)
+    return {"history": history, "truths": truths, "seconds": seconds}
+
+
+def _quantiles(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"median": None, "iqr": [None, None], "per_seed": values}
+    q = np.percentile(finite, [25, 50, 75])
+    return {"median": float(q[1]), "iqr": [float(q[0]), float(q[2])], "per_seed": values}
+
+
+def score(bp: BenchProblem, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics of one planner's runs (one per seed) on one problem."""
+    sim = bp.sim
+    objectives = sim.objectives
+    out: dict[str, Any] = {}
+    truth_items = [
+        [HistoryItem(h.parameters, "completed", t) if t else HistoryItem(h.parameters, "failed")
+         for h, t in zip(r["history"], r["truths"], strict=True)]
+        for r in runs
+    ]
+    out["failed_trials"] = _quantiles([float(sum(1 for h in r["history"] if h.state == "failed")) for r in runs])
+    secs = [s for r in runs for s in r["seconds"]]
+    out["proposal_seconds"] = {"median": statistics.median(secs) if secs else None,
+                               "p90": float(np.percentile(secs, 90)) if secs else None, "calls": len(secs)}
+    if len(objectives) == 1:
+        o = objectives[0]
+        traces = []
+        for items in truth_items:
+            best, trace = -math.inf, []
+            for h in items:
+                if h.state == "completed":
+                    best = max(best, float(o.utility(h.outcomes[o.name])))
+                trace.append(None if best == -math.inf else float(o.utility(best)))  # back to raw units
+            traces.append(trace)
+        out["best_so_far"] = traces
+        out["best_value"] = _quantiles([t[-1] for t in traces])
+        if o.name in sim.optimum:
+            out["simple_regret"] = _quantiles([abs(t[-1] - sim.optimum[o.name]) if t[-1] is not None else None
+                                               for t in traces])
+    else:
+        ref = [sim.optimum.get(f"ref_{o.name}") for o in objectives]
+        ref = None if any(r is None for r in ref) else ref
+        hv_traces = []
+        for items in truth_items:
+            trace = []
+            for k in range(1, len(items) + 1):
+                b = best_so_far(items[:k], objectives, [], ref)
+                trace.append(b.hypervolume if b.hypervolume is not None else 0.0)
+            hv_traces.append(trace)
+        out["hypervolume_trace"] = hv_traces
+        out["hypervolume"] = _quantiles([t[-1] for t in hv_traces])
+        if "hypervolume" in sim.optimum:
+            out["hypervolume"]["max_possible"] = sim.optimum["hypervolume"]
+    if bp.is_pool:
+        out.update(_pool_metrics(bp, runs))
+    return out
+
+
+def _pool_metrics(bp: BenchProblem, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    o = bp.sim.objectives[0]
+    table = bp.sim.table
+    assert table is not None
+    rows = len(table)
+    utilities = np.array([float(o.utility(v)) for v in table[o.name].to_numpy(float)])
+    n_top = max(1, int(math.ceil(0.05 * rows)))
+    threshold = np.sort(utilities)[::-1][n_top - 1]
+    top_traces = []
+    for r in runs:
+        found, trace = set(), []
+        for t, h in zip(r["truths"], r["history"], strict=True):
+            if t and float(o.utility(t[o.name])) >= threshold:
+                found.add(tuple(sorted((k, str(v)) for k, v in h.parameters.items())))
+            trace.append(min(1.0, len(found) / n_top))
+        top_traces.append(trace)
+    budget = len(top_traces[0])
+    mean_trace = np.mean(np.array(top_traces), axis=0)
+    random_trace = np.arange(1, budget + 1) / rows  # expected Top% of random picks after N
+    ef = mean_trace / random_trace
+    af = {}
+    for level in TOP_LEVELS:
+        reached = np.nonzero(mean_trace >= level - 1e-12)[0]
+        af[str(level)] = float(level * rows / (reached[0] + 1)) if len(reached) else None
+    return {
+        "top_percent": {"per_seed": top_traces, "mean_trace": mean_trace.tolist(),
+                        "final": _quantiles([t[-1] for t in top_traces]), "top_rows": n_top, "rows": rows},
+        "enhancement_factor": {"trace": ef.tolist(), "at_budget": float(ef[-1]),
+                               **{f"at_{n}": float(ef[n - 1]) for n in (25, 50, 100) if n <= budget}},
+        "acceleration_factor": af,
+    }
+
+
+def run_bench(problems: list[str], planners: list[str], seeds: int, budget: int, batch: int, initial: int,
+              options: dict[str, dict[str, Any]] | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every planner on every problem with ``seeds`` paired seeds; the JSON-ready result."""
+    options = options or {}
+    result: dict[str, Any] = {}
+    for text in problems:
+        bp = parse_problem(text)
+        per_planner: dict[str, Any] = {}
+        for name in planners:
+            opts = dict(options.get(name, {}))
+            if name in ("bo", "rl") and "initial_trials" not in opts:
+                opts["initial_trials"] = min(initial, budget)
+            runs = []
+            for s in range(seeds):
+                t0 = time.perf_counter()
+                runs.append(run_one(bp, name, s, budget, batch, initial, opts))
+                if progress:
+                    progress(f"{bp.label} {name} seed {s}: {time.perf_counter() - t0:.1f} s")
+            per_planner[name] = score(bp, runs)
+        result[bp.label] = per_planner
+    return result
+
+
+def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    """A Markdown table per problem: one row per planner."""
+    lines = [f"# labpilot bench\n\n`{meta['command']}`\n",
+             f"{meta['seeds']} paired seeds, budget {meta['budget']}, batch {meta['batch']}, "
+             f"{meta['initial']} initial points; medians with interquartile ranges.\n"]
+    for problem, planners in result.items():
+        lines.append(f"\n## {problem}\n")
+        header = ["planner"]
+        first = next(iter(planners.values()))
+        keys = [k for k in ("simple_regret", "best_value", "hypervolume") if k in first]
+        header += [k.replace("_", " ") for k in keys]
+        pool = "top_percent" in first
+        if pool:
+            header += ["Top% at budget", "EF at 50", "AF at Top% 0.5"]
+        header += ["failed trials", "proposal s (median / p90)"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for name, m in planners.items():
+            row = [name]
+            for k in keys:
+                q = m[k]
+                row.append("-" if q["median"] is None else f"{q['median']:.4g} [{q['iqr'][0]:.3g}, {q['iqr'][1]:.3g}]")
+            if pool:
+                row.append(f"{m['top_percent']['final']['median']:.3g}")
+                ef = m["enhancement_factor"].get("at_50")
+                row.append("-" if ef is None else f"{ef:.3g}")
+                af = m["acceleration_factor"].get("0.5")
+                row.append("not reached" if af is None else f"{af:.3g}")
+            row.append(f"{m['failed_trials']['median']:.3g}")
+            ps = m["proposal_seconds"]
+            row.append("-" if ps["median"] is None else f"{ps['median']:.3f} / {ps['p90']:.3f}")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict[str, Any], meta: dict[str, Any], out: Path) -> Path:
+    """Write ``out`` (JSON) and the Markdown table beside it; return the Markdown path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))  # keyed by problem, then planner
+    md = out.with_suffix(".md")
+    md.write_text(markdown(result, meta))
+    return md
+

@@ -1,0 +1,152 @@
+"""The benchmark command, and the BO features a lab relies on: pools, failures, constraints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.bench import parse_problem
+from orchestrator.cli import main
+from planners import make_planner
+from planners.base import HistoryItem, Problem, row_key
+from planners.bo import tail_unwarp, tail_warp
+from planners.space import FloatParameter, Objective, OutcomeConstraint, SearchSpace
+from simulators import load_problem
+
+from .conftest import SHARED_DATASETS
+
+FAST = {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}
+
+
+def test_bench_writes_json_keyed_by_problem_then_planner_with_every_metric(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--problems", "branin,branincurrin-noisy", str(SHARED_DATASETS / "suzuki"),
+                 "--planners", "random,sobol,bo", "--seeds", "2", "--budget", "8", "--batch", "2",
+                 "--initial", "4", "--out", str(out), "--quiet",
+                 "--options", json.dumps({"bo": FAST})])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"branin", "branincurrin-noisy", "suzuki"}
+    for problem, planners in result.items():
+        assert set(planners) == {"random", "sobol", "bo"}
+        for name, m in planners.items():
+            ps = m["proposal_seconds"]
+            assert ps["calls"] == 2 * 2 and ps["median"] >= 0 and ps["p90"] >= ps["median"]
+    for name in ("random", "sobol", "bo"):
+        b = result["branin"][name]
+        assert len(b["best_so_far"]) == 2 and all(len(t) == 8 for t in b["best_so_far"])
+        assert all(x >= y for t in b["best_so_far"] for x, y in zip(t, t[1:], strict=False))  # never worse
+        assert b["simple_regret"]["median"] >= 0 and len(b["simple_regret"]["iqr"]) == 2
+        hv = result["branincurrin-noisy"][name]["hypervolume"]
+        assert hv["max_possible"] == pytest.approx(59.36) and 0 <= hv["median"] <= 59.36
+        pool = result["suzuki"][name]
+        assert 0 <= pool["top_percent"]["final"]["median"] <= 1
+        assert pool["enhancement_factor"]["at_budget"] >= 0
+        assert set(pool["acceleration_factor"]) == {"0.25", "0.5", "0.75", "1.0"}
+    # The initial design is paired: every planner's first 4 trials are the same points.
+    sobol_first = result["branin"]["sobol"]["best_so_far"][0][:4]
+    assert result["branin"]["bo"]["best_so_far"][0][:4] == sobol_first
+    assert result["branin"]["random"]["best_so_far"][0][:4] == sobol_first
+    assert "| planner |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_refuses_an_unknown_problem_or_planner_with_exit_2(tmp_path, capsys):
+    assert main(["bench", "--problems", "rosenbrock", "--planners", "bo", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown problem 'rosenbrock'" in capsys.readouterr().err
+    assert main(["bench", "--problems", "branin", "--planners", "magic", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown planner" in capsys.readouterr().err
+
+
+def test_tail_warp_is_monotone_and_inverts():
+    import torch
+
+    u = torch.tensor([-300.0, -50.0, -3.0, -1.0, -0.5, -0.41, -0.40])
+    w, (c, s) = tail_warp(u)
+    assert torch.all(w[1:] > w[:-1])
+    assert torch.allclose(tail_unwarp(w, c, s), u, atol=1e-9)
+    assert w[0] - w[1] < (u[1] - u[0]) / s  # the bad tail is compressed
+
+
+def _pool_problem():
+    bp = parse_problem(str(SHARED_DATASETS / "buchwald_a"))
+    assert bp.problem.pool is not None and len(bp.problem.pool) == 792
+    return bp
+
+
+@pytest.mark.parametrize("name", ["random", "sobol", "lhs", "bo"])
+def test_pool_mode_proposes_only_untried_rows_of_the_table(name):
+    bp = _pool_problem()
+    problem = bp.problem
+    history = [HistoryItem(dict(row), "completed", {"yield": float(i)}) for i, row in enumerate(problem.pool[:6])]
+    pending = [dict(problem.pool[6])]
+    planner = make_planner(name, problem, seed=1, options=FAST | {"initial_trials": 5} if name == "bo" else None)
+    proposals = planner.ask(3, history, pending)
+    rows = {row_key(r) for r in problem.pool}
+    seen = {row_key(h.parameters) for h in history} | {row_key(pending[0])}
+    keys = [row_key(p.parameters) for p in proposals]
+    assert len(set(keys)) == 3
+    assert all(k in rows and k not in seen for k in keys)
+
+
+def test_bo_learns_where_experiments_fail_and_proposes_elsewhere():
+    """On Branin failing where x2 > 9 - 0.4 x1, after a few failures most BO proposals avoid it,
+    while without the feasibility model the same history sends more of them there."""
+    sim = load_problem("branin_failing")
+    problem = Problem(space=SearchSpace(parameters=sim.parameters), objectives=list(sim.objectives))
+    sobol = make_planner("sobol", problem, seed=3)
+    history: list[HistoryItem] = []
+    for _ in range(14):
+        p = sobol.ask(1, history, [])[0].parameters
+        history.append(HistoryItem(p, "failed") if sim.fails(p) else HistoryItem(p, "completed", sim.evaluate(p)))
+    assert sum(h.state == "failed" for h in history) >= 4
+
+    def failing_share(feasibility: bool) -> float:
+        bo = make_planner("bo", problem, seed=5, options=FAST | {"feasibility_model": feasibility})
+        proposals = bo.ask(6, history, [])
+        return sum(sim.fails(p.parameters) for p in proposals) / len(proposals)
+
+    with_model = failing_share(True)
+    assert with_model <= 1 / 6
+    assert with_model <= failing_share(False)
+
+
+def test_bo_respects_an_outcome_constraint_it_has_learnt():
+    """Maximise y = x while 'c <= 0.3' with c = x: the best feasible point is x = 0.3, and
+    proposals should stay near or below it rather than run to x = 1."""
+    space = SearchSpace(parameters=[FloatParameter(name="x", lower=0, upper=1),
+                                    FloatParameter(name="z", lower=0, upper=1)])
+    problem = Problem(space=space, objectives=[Objective(name="y", goal="maximize")],
+                      outcome_constraints=[OutcomeConstraint.parse("c <= 0.3")])
+    xs = [0.05, 0.15, 0.25, 0.45, 0.6, 0.8, 0.95, 0.35]
+    history = [HistoryItem({"x": x, "z": 0.5}, "completed", {"y": x, "c": x}) for x in xs]
+    bo = make_planner("bo", problem, seed=0, options=FAST)
+    proposals = bo.ask(2, history, [])
+    assert all(p.parameters["x"] < 0.45 for p in proposals), [p.parameters for p in proposals]
+    assert set(proposals[0].predicted_mean) == {"y", "c"}
+
+
+def test_bo_with_a_target_objective_aims_at_the_target():
+    space = SearchSpace(parameters=[FloatParameter(name="x", lower=0, upper=1)])
+    problem = Problem(space=space, objectives=[Objective(name="y", goal="target", target=0.62)])
+    xs = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    history = [HistoryItem({"x": x}, "completed", {"y": x}) for x in xs]
+    proposal = make_planner("bo", problem, seed=0, options=FAST).ask(1, history, [])[0]
+    assert abs(proposal.parameters["x"] - 0.62) < 0.08
+    assert proposal.predicted_mean["y"] == pytest.approx(proposal.parameters["x"], abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["lhs", "grid"])
+def test_space_filling_baselines_give_legal_distinct_points(name):
+    sim = load_problem("hartmann6")
+    problem = Problem(space=SearchSpace(parameters=sim.parameters), objectives=list(sim.objectives))
+    planner = make_planner(name, problem, seed=0)
+    history: list[HistoryItem] = []
+    points = []
+    for _ in range(4):
+        batch = planner.ask(3, history, [])
+        for p in batch:
+            problem.space.validate_point(p.parameters)
+            points.append(row_key(p.parameters))
+            history.append(HistoryItem(p.parameters, "completed", sim.evaluate(p.parameters)))
+    assert len(set(points)) == 12
