@@ -28,9 +28,9 @@ def test_bench_writes_json_keyed_by_problem_then_planner_with_every_metric(tmp_p
     assert code == 0
     result = json.loads(out.read_text())
     assert set(result) == {"branin", "branincurrin-noisy", "suzuki"}
-    for problem, planners in result.items():
+    for planners in result.values():
         assert set(planners) == {"random", "sobol", "bo"}
-        for name, m in planners.items():
+        for m in planners.values():
             ps = m["proposal_seconds"]
             assert ps["calls"] == 2 * 2 and ps["median"] >= 0 and ps["p90"] >= ps["median"]
     for name in ("random", "sobol", "bo"):
