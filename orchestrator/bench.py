@@ -28,7 +28,7 @@ from orchestrator.report import best_so_far
 from planners import make_planner
 from planners.base import HistoryItem, Problem
 from planners.baselines import sobol_points
-from planners.space import SearchSpace
+from planners.space import LinearConstraint, SearchSpace
 from simulators.problems import ANALYTIC, SimProblem, load_table
 
 # Noise of the noisy variants: BoTorch's multi-objective tutorial uses these for BraninCurrin.
@@ -50,12 +50,21 @@ class BenchProblem:
         return self.problem.pool is not None
 
 
+# Variants with one linear constraint that keeps the known optimum feasible.
+CONSTRAINED = {"hartmann6": "x1 + x2 <= 0.5", "branin": "x1 + x2 <= 10"}
+
+
 def parse_problem(text: str) -> BenchProblem:
     """``branin``, ``hartmann6``, ``branincurrin``, ``branin_failing``, ``NAME-noisy`` (or
-    ``NAME:noise=0.1``), or the path of a dataset folder (``data.csv`` + ``dataset.yaml``)."""
+    ``NAME:noise=0.1``), ``NAME-constrained`` (one linear constraint, optimum still feasible),
+    or the path of a dataset folder (``data.csv`` + ``dataset.yaml``)."""
     name, _, opts = text.partition(":")
     noise: list[float] = []
     base = name
+    constraint = None
+    if name.endswith("-constrained") and name.removesuffix("-constrained") in CONSTRAINED:
+        base = name.removesuffix("-constrained")
+        constraint = CONSTRAINED[base]
     if name.endswith("-noisy"):
         base = name.removesuffix("-noisy")
         noise = NOISY.get(base, [0.1])
@@ -68,6 +77,8 @@ def parse_problem(text: str) -> BenchProblem:
     else:
         raise ValueError(f"unknown problem {text!r}; use one of {sorted(ANALYTIC)} (optionally with "
                          "'-noisy' or ':noise=SD'), or the path of a dataset folder")
+    if constraint is not None:
+        sim.constraints = [*sim.constraints, LinearConstraint.parse(constraint)]
     space = SearchSpace(parameters=sim.parameters, constraints=sim.constraints)
     pool = None
     if sim.kind == "pool" and sim.table is not None:
@@ -222,7 +233,11 @@ def _pool_metrics(bp: BenchProblem, runs: list[dict[str, Any]]) -> dict[str, Any
 def run_bench(problems: list[str], planners: list[str], seeds: int, budget: int, batch: int, initial: int,
               options: dict[str, dict[str, Any]] | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every planner on every problem with ``seeds`` paired seeds; the JSON-ready result."""
+    """Every planner on every problem with ``seeds`` paired seeds; the JSON-ready result.
+
+    ``options`` maps a planner label to its options; an entry with ``"planner": NAME``
+    makes the label a second configuration of planner NAME (``bo-plain`` = bo without
+    its feasibility model, say)."""
     options = options or {}
     result: dict[str, Any] = {}
     for text in problems:
@@ -230,12 +245,13 @@ def run_bench(problems: list[str], planners: list[str], seeds: int, budget: int,
         per_planner: dict[str, Any] = {}
         for name in planners:
             opts = dict(options.get(name, {}))
-            if name in ("bo", "rl") and "initial_trials" not in opts:
+            real = opts.pop("planner", name)  # a label may name a planner with other options
+            if real in ("bo", "rl") and "initial_trials" not in opts:
                 opts["initial_trials"] = min(initial, budget)
             runs = []
             for s in range(seeds):
                 t0 = time.perf_counter()
-                runs.append(run_one(bp, name, s, budget, batch, initial, opts))
+                runs.append(run_one(bp, real, s, budget, batch, initial, opts))
                 if progress:
                     progress(f"{bp.label} {name} seed {s}: {time.perf_counter() - t0:.1f} s")
             per_planner[name] = score(bp, runs)

@@ -325,17 +325,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     problems = [p for group in args.problems for p in group.split(",") if p]
     planners = [p for group in args.planners for p in group.split(",") if p]
-    unknown = [p for p in planners if p not in PLANNERS]
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        err_console.print(f"[bold red]error[/]: --options is not JSON ({exc})")
+        return EXIT_BAD_INPUT
+    if not isinstance(options, dict):
+        err_console.print("[bold red]error[/]: --options must be a JSON object such as "
+                          "'{\"bo\": {\"num_restarts\": 4}}'")
+        return EXIT_BAD_INPUT
+    aliases = {k: v.get("planner") for k, v in options.items() if isinstance(v, dict) and "planner" in v}
+    unknown = [p for p in planners if aliases.get(p, p) not in PLANNERS]
     if unknown:
         err_console.print(f"[bold red]error[/]: unknown planner(s) {unknown}; choose from {sorted(PLANNERS)}")
         return EXIT_BAD_INPUT
     try:
         for p in problems:
             parse_problem(p)
-        options = json.loads(args.options) if args.options else {}
-        if not isinstance(options, dict):
-            raise ValueError("--options must be a JSON object such as '{\"bo\": {\"num_restarts\": 4}}'")
-    except (ValueError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         err_console.print(f"[bold red]error[/]: {exc}")
         return EXIT_BAD_INPUT
     if args.initial >= args.budget:
