@@ -1,0 +1,100 @@
+"""Check the planner benchmark's figures against issue 3's targets; prints Markdown.
+
+Usage: .venv/bin/python benchmarks/summarize.py benchmarks/planners
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(folder: Path, name: str) -> dict | None:
+    p = folder / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def fmt(x, nd=4):
+    return "-" if x is None else f"{x:.{nd}g}"
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/planners")
+    rows = []
+
+    def row(target, measured, met):
+        rows.append(f"| {target} | {measured} | {'met' if met else 'NOT met' if met is False else 'not run'} |")
+
+    h6 = load(folder, "hartmann6")
+    if h6:
+        bo, ax = h6["hartmann6"]["bo"], h6["hartmann6"].get("ax")
+        r_bo = bo["simple_regret"]["median"]
+        r_ax = ax["simple_regret"]["median"] if ax else None
+        row("Hartmann6, 35 trials: bo regret <= 0.10", fmt(r_bo), r_bo <= 0.10)
+        row("Hartmann6: bo no worse than Ax (median regret)", f"bo {fmt(r_bo)} vs ax {fmt(r_ax)}",
+            None if r_ax is None else r_bo <= r_ax)
+        if ax:
+            t_bo, t_ax = bo["proposal_seconds"]["median"], ax["proposal_seconds"]["median"]
+            row("Hartmann6 whole run: bo proposal time vs Ax (ratio)", f"bo {fmt(t_bo, 3)} s, ax {fmt(t_ax, 3)} s, "
+                f"{t_ax / t_bo:.1f}x", t_ax / t_bo >= 3)
+    else:
+        row("Hartmann6 targets", "-", None)
+    br = load(folder, "branin")
+    if br:
+        r = br["branin"]["bo"]["simple_regret"]["median"]
+        row("Branin, 30 trials: bo regret <= 0.01", fmt(r), r <= 0.01)
+    else:
+        row("Branin, 30 trials: bo regret <= 0.01", "-", None)
+    bc = load(folder, "branincurrin_noisy")
+    if bc:
+        hv = bc["branincurrin-noisy"]["bo"]["hypervolume"]["median"]
+        row("BraninCurrin noisy, 6 + 20x4: hypervolume >= 57.8", fmt(hv), hv >= 57.8)
+    else:
+        row("BraninCurrin noisy, 6 + 20x4: hypervolume >= 57.8", "-", None)
+    for name, label, limit in (("time_q1", "one proposal at 30-34 observations", 0.3),
+                               ("time_q4", "a batch of 4 at 23-35 observations", 1.0),
+                               ("time_lincon", "one proposal with a linear constraint", 1.0)):
+        t = load(folder, name)
+        if not t:
+            row(f"{label}: median <= {limit} s and >= 3x faster than Ax", "-", None)
+            continue
+        (prob, res), = t.items()
+        tb, ta = res["bo"]["proposal_seconds"]["median"], res["ax"]["proposal_seconds"]["median"]
+        rb, ra = res["bo"].get("simple_regret", {}).get("median"), res["ax"].get("simple_regret", {}).get("median")
+        row(f"{label}: median <= {limit} s", f"bo {fmt(tb, 3)} s (p90 {fmt(res['bo']['proposal_seconds']['p90'], 3)})",
+            tb <= limit)
+        row(f"{label}: >= 3x faster than Ax at equal or better regret",
+            f"ax {fmt(ta, 3)} s = {ta / tb:.1f}x; regret bo {fmt(rb)} vs ax {fmt(ra)}", ta / tb >= 3 and rb <= ra)
+    cb = load(folder, "crossed_barrel")
+    if cb:
+        m = cb["crossed_barrel"]["bo"]
+        af, ef = m["acceleration_factor"].get("0.5"), m["enhancement_factor"].get("at_50")
+        row("crossed_barrel pool: AF >= 3.6 at Top% 0.5", fmt(af), None if af is None else af >= 3.6)
+        row("crossed_barrel pool: EF >= 3.9 at 50 trials", fmt(ef), None if ef is None else ef >= 3.9)
+    else:
+        row("crossed_barrel pool: AF >= 3.6 at Top% 0.5, EF >= 3.9 at 50", "-", None)
+    ds = load(folder, "datasets")
+    if ds:
+        for prob, res in ds.items():
+            afs = {k: v for k, v in res["bo"]["acceleration_factor"].items() if v is not None}
+            best = max(afs.values()) if afs else None
+            row(f"{prob}: acceleration factor > 1", f"{afs}", None if best is None else best > 1)
+    else:
+        row("every shared dataset: acceleration factor > 1", "-", None)
+    bf = load(folder, "branin_failing")
+    if bf:
+        m = bf["branin_failing"]
+        f_bo, f_plain = m["bo"]["failed_trials"]["median"], m["bo-plain"]["failed_trials"]["median"]
+        v_bo, v_plain = m["bo"]["simple_regret"]["median"], m["bo-plain"]["simple_regret"]["median"]
+        row("failing region: at most half the failed trials of bo without the feasibility model, no worse value",
+            f"failed {fmt(f_bo)} vs {fmt(f_plain)}; regret {fmt(v_bo)} vs {fmt(v_plain)}",
+            f_bo <= 0.5 * f_plain and v_bo <= v_plain)
+    else:
+        row("failing region: half the failures, no worse value", "-", None)
+    print("| target | measured (medians) | verdict |\n|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
