@@ -1,0 +1,284 @@
+"""The reinforcement-learning planner: legal and reproducible proposals, pending points and
+batches it takes into account, the options it refuses, and a search that beats random."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from planners import HistoryItem, Problem, make_planner
+from planners.bo import torch_device
+from planners.rl import RLPlanner, _fold
+from planners.space import (
+    CategoricalParameter,
+    FloatParameter,
+    IntParameter,
+    LinearConstraint,
+    Objective,
+    OutcomeConstraint,
+    SearchSpace,
+)
+from simulators import load_problem
+
+# Small training budgets keep these tests fast; the properties tested do not depend on them.
+FAST = {"train_steps": 15, "fine_tune_steps": 5, "episodes": 32, "eval_functions": 32,
+        "candidates": 16, "num_features": 128}
+
+MIXED = SearchSpace(parameters=[
+    FloatParameter(name="temp", lower=20.0, upper=80.0),
+    FloatParameter(name="conc", lower=0.01, upper=1.0, log_scale=True),
+    IntParameter(name="n", lower=1, upper=5),
+    CategoricalParameter(name="solvent", choices=["water", "ethanol", "toluene"]),
+])
+
+CONSTRAINED = SearchSpace(
+    parameters=[
+        FloatParameter(name="f1", lower=0.0, upper=1.0),
+        FloatParameter(name="f2", lower=0.0, upper=1.0),
+        FloatParameter(name="f3", lower=0.0, upper=1.0),
+        FloatParameter(name="temp", lower=20.0, upper=80.0),
+    ],
+    constraints=[
+        LinearConstraint(coefficients={"f1": 1.0, "f2": 1.0, "f3": 1.0}, op="==", rhs=1.0),
+        LinearConstraint.parse("f1 - 2*f2 <= 0.2"),
+        LinearConstraint.parse("-f3 + 0.01*temp >= -0.5"),
+    ],
+)
+
+PLAIN = SearchSpace(parameters=[
+    FloatParameter(name="x1", lower=0.0, upper=1.0),
+    FloatParameter(name="x2", lower=-2.0, upper=2.0),
+])
+
+
+def _problem(space: SearchSpace, **kw) -> Problem:
+    return Problem(space=space, objectives=kw.pop("objectives", [Objective(name="y", goal="maximize")]), **kw)
+
+
+def _assert_legal(space: SearchSpace, point: dict) -> None:
+    assert set(point) == set(space.names)
+    for p in space.parameters:
+        v = point[p.name]
+        if isinstance(p, CategoricalParameter):
+            assert v in p.choices
+        elif isinstance(p, IntParameter):
+            assert isinstance(v, int) and not isinstance(v, bool)
+            assert p.lower <= v <= p.upper
+        else:
+            assert isinstance(v, float)
+            assert p.lower <= v <= p.upper
+    for c in space.constraints:
+        assert c.satisfied(point, tol=1e-6), f"{point} breaks {c}"
+    space.validate_point(point)
+
+
+def _mixed_y(p: dict) -> float:
+    return -((p["temp"] - 50.0) / 30.0) ** 2 + 0.2 * p["n"] + math.log(p["conc"]) / 5 \
+        + {"water": 0.0, "ethanol": 0.5, "toluene": -0.3}[p["solvent"]]
+
+
+def _constrained_y(p: dict) -> float:
+    return -(p["f1"] - 0.3) ** 2 - (p["f2"] - 0.5) ** 2 + 0.005 * p["temp"]
+
+
+def _plain_y(p: dict) -> float:
+    return -(p["x1"] - 0.3) ** 2 - (p["x2"] - 0.5) ** 2
+
+
+def _history(points: list[dict], f) -> list[HistoryItem]:  # noqa: ANN001
+    return [HistoryItem(dict(p), "completed", {"y": f(p)}) for p in points]
+
+
+def _mixed_points(n: int = 8) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"temp": float(rng.uniform(20, 80)), "conc": float(10 ** rng.uniform(-2, 0)),
+             "n": int(rng.integers(1, 6)), "solvent": ["water", "ethanol", "toluene"][i % 3]}
+            for i in range(n)]
+
+
+def _constrained_points(n: int = 8) -> list[dict]:
+    rng = np.random.default_rng(1)
+    out = []
+    while len(out) < n:
+        f = rng.dirichlet([1.0, 1.0, 1.0])
+        p = {"f1": float(f[0]), "f2": float(f[1]), "f3": 1.0 - float(f[0]) - float(f[1]),
+             "temp": float(rng.uniform(20, 80))}
+        if CONSTRAINED.is_feasible(p, tol=0.0):
+            out.append(p)
+    return out
+
+
+def _plain_points(n: int = 8) -> list[dict]:
+    rng = np.random.default_rng(2)
+    return [{"x1": float(rng.uniform(0, 1)), "x2": float(rng.uniform(-2, 2))} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain_rl():
+    """An rl planner after its initial design on PLAIN, its history, and its first proposal."""
+    history = _history(_plain_points(), _plain_y)
+    planner = make_planner("rl", _problem(PLAIN), seed=4, options=FAST)
+    (proposal,) = planner.ask(1, history, [])
+    return planner, history, proposal
+
+
+# ---- building it ------------------------------------------------------------------------
+def test_make_planner_builds_the_rl_planner_on_the_available_device():
+    planner = make_planner("rl", _problem(PLAIN), seed=1, options={"horizon": 2})
+
+    assert isinstance(planner, RLPlanner) and planner.name == "rl"
+    assert planner.horizon == 2
+    assert planner.tkwargs["device"] == torch_device()  # cuda when there is one
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"horizons": 3}, "horizons"),
+    ({"horizon": 0}, "horizon must be at least 1"),
+    ({"initial_trials": 0}, "initial_trials must be at least 1"),
+    ({"estimator": "ppo"}, "estimator must be"),
+    ({"init_sd": 5.0}, "init_sd"),
+])
+def test_bad_rl_options_raise_value_error_naming_them(options, match):
+    with pytest.raises(ValueError, match=match):
+        make_planner("rl", _problem(PLAIN), options=options)
+
+
+def test_fold_reflects_the_real_line_into_the_unit_interval():
+    u = torch.tensor([-0.1, 0.0, 0.3, 1.0, 1.2, 2.5, -1.7])
+
+    assert torch.allclose(_fold(u), torch.tensor([0.1, 0.0, 0.3, 1.0, 0.8, 0.5, 0.3]))
+
+
+# ---- legal proposals --------------------------------------------------------------------
+def test_rl_keeps_to_the_initial_design_until_enough_trials_completed():
+    points = _plain_points(6)
+    history = [HistoryItem(p, "failed") for p in points[:3]] + _history(points[3:], _plain_y)
+    planner = make_planner("rl", _problem(PLAIN), seed=4, options=FAST)
+
+    proposals = planner.ask(3, history, [])
+
+    assert len(proposals) == 3
+    assert all(p.model_version is None and p.predicted_mean == {} for p in proposals)
+    for p in proposals:
+        _assert_legal(PLAIN, p.parameters)
+
+
+def test_rl_batch_respects_bounds_integers_and_choices():
+    history = _history(_mixed_points(), _mixed_y)
+    planner = make_planner("rl", _problem(MIXED), seed=0, options=FAST)
+
+    proposals = planner.ask(3, history, [])
+
+    assert len(proposals) == 3
+    for prop in proposals:
+        assert prop.planner == "rl" and prop.model_version == "rl-gp-8"
+        _assert_legal(MIXED, prop.parameters)
+    assert len({tuple(sorted(p.parameters.items())) for p in proposals}) == 3  # a batch, not one point
+
+
+def test_rl_satisfies_linear_constraints_and_fractions():
+    history = _history(_constrained_points(), _constrained_y)
+    planner = make_planner("rl", _problem(CONSTRAINED), seed=0, options=FAST)
+
+    proposals = planner.ask(2, history, [])
+
+    for prop in proposals:
+        _assert_legal(CONSTRAINED, prop.parameters)
+        assert abs(sum(prop.parameters[f] for f in ("f1", "f2", "f3")) - 1.0) <= 1e-6
+
+
+def test_rl_proposal_carries_the_models_prediction(plain_rl):
+    _, _, prop = plain_rl
+
+    _assert_legal(PLAIN, prop.parameters)
+    assert prop.model_version == "rl-gp-8"
+    assert set(prop.predicted_mean) == {"y"} and math.isfinite(prop.predicted_mean["y"])
+    assert prop.predicted_sd["y"] >= 0
+    assert prop.acquisition_value is not None and prop.acquisition_value >= 0
+
+
+def test_rl_handles_two_objectives_and_an_outcome_constraint():
+    problem = _problem(PLAIN, objectives=[Objective(name="a", goal="maximize"),
+                                          Objective(name="b", goal="minimize")],
+                       outcome_constraints=[OutcomeConstraint.parse("c >= 0.0")])
+    points = _plain_points(8)
+    history = [HistoryItem(p, "completed", {"a": _plain_y(p), "b": p["x1"] ** 2,
+                                            "c": p["x2"] - 0.5}) for p in points]
+
+    (prop,) = make_planner("rl", problem, seed=2, options=FAST).ask(1, history, [])
+
+    _assert_legal(PLAIN, prop.parameters)
+    assert set(prop.predicted_mean) == {"a", "b", "c"}
+
+
+def test_rl_in_pool_mode_proposes_distinct_untried_rows():
+    rows = tuple({"x1": float(a), "x2": float(b)}
+                 for a in np.linspace(0, 1, 5) for b in np.linspace(-2, 2, 5))
+    problem = _problem(PLAIN, pool=rows)
+    history = _history(list(rows[::3]), _plain_y)
+    pending = [dict(rows[1])]
+
+    proposals = make_planner("rl", problem, seed=3, options=FAST).ask(3, history, pending)
+
+    tried = {tuple(sorted(h.parameters.items())) for h in history} | {tuple(sorted(rows[1].items()))}
+    keys = [tuple(sorted(p.parameters.items())) for p in proposals]
+    assert len(set(keys)) == 3 and not set(keys) & tried
+    assert all(p.parameters in rows for p in proposals)
+
+
+# ---- reproducibility and pending points -------------------------------------------------
+def test_rl_same_seed_and_history_give_identical_proposals_and_another_seed_does_not(plain_rl):
+    _, history, first = plain_rl
+
+    (again,) = make_planner("rl", _problem(PLAIN), seed=4, options=FAST).ask(1, list(history), [])
+    (other,) = make_planner("rl", _problem(PLAIN), seed=5, options=FAST).ask(1, list(history), [])
+
+    assert again.parameters == first.parameters
+    assert again.predicted_mean == first.predicted_mean
+    assert other.parameters != first.parameters
+
+
+def test_rl_pending_point_changes_its_next_proposal(plain_rl):
+    planner, history, first = plain_rl
+
+    (second,) = planner.ask(1, history, [first.parameters])
+
+    _assert_legal(PLAIN, second.parameters)
+    distance = math.dist(PLAIN.encode([first.parameters])[0].tolist(),
+                         PLAIN.encode([second.parameters])[0].tolist())
+    assert distance > 1e-3  # not the running point again
+
+
+def test_rl_restores_torchs_thread_setting():
+    before = torch.get_num_threads()
+    history = _history(_plain_points(), _plain_y)
+
+    make_planner("rl", _problem(PLAIN), seed=0, options=FAST).ask(1, history, [])
+
+    assert torch.get_num_threads() == before
+
+
+# ---- it must earn its keep --------------------------------------------------------------
+def _branin_best(name: str, seed: int, trials: int) -> float:
+    sim = load_problem("branin")
+    problem = Problem(space=SearchSpace(parameters=sim.parameters),
+                      objectives=[Objective(name="y", goal="minimize")])
+    planner = make_planner(name, problem, seed=seed)
+    history: list[HistoryItem] = []
+    for _ in range(trials):
+        proposal = planner.ask(1, history, [])[0]
+        history.append(HistoryItem(proposal.parameters, "completed", sim.evaluate(proposal.parameters)))
+    return min(h.outcomes["y"] for h in history)
+
+
+@pytest.mark.slow
+def test_rl_beats_random_search_on_branin_at_20_trials_median_over_seeds():
+    seeds, trials = [0, 1, 2], 20
+    rl = [_branin_best("rl", s, trials) for s in seeds]
+    rand = [_branin_best("random", s, trials) for s in seeds]
+
+    assert statistics.median(rl) < statistics.median(rand), (rl, rand)
