@@ -201,6 +201,19 @@ def test_rl_proposal_carries_the_models_prediction(plain_rl):
     assert prop.acquisition_value is not None and prop.acquisition_value >= 0
 
 
+@pytest.mark.parametrize("estimator", ["pathwise", "reinforce"])
+def test_rl_plays_multi_step_episodes_with_either_policy_gradient(estimator):
+    history = _history(_mixed_points(), _mixed_y)
+    options = {**FAST, "horizon": 3, "estimator": estimator}
+
+    proposals = make_planner("rl", _problem(MIXED), seed=1, options=options).ask(2, history, [])
+
+    assert len(proposals) == 2
+    for prop in proposals:
+        _assert_legal(MIXED, prop.parameters)
+        assert prop.acquisition_value is not None and math.isfinite(prop.acquisition_value)
+
+
 def test_rl_handles_two_objectives_and_an_outcome_constraint():
     problem = _problem(PLAIN, objectives=[Objective(name="a", goal="maximize"),
                                           Objective(name="b", goal="minimize")],
