@@ -13,7 +13,7 @@ import math
 import warnings
 from typing import Any
 
-from planners.base import HistoryItem, Planner, Problem, Proposal
+from planners.base import HistoryItem, Planner, Problem, Proposal, finite
 from planners.space import CategoricalParameter, FloatParameter, IntParameter
 
 #: Ax's ``Client`` seeds numpy, which takes seeds below 2**32.
@@ -219,7 +219,7 @@ class AxPlanner(Planner):
         out = {}
         for name, alias in self._metric_alias.items():
             value = outcomes.get(name)
-            if _finite(value):
+            if finite(value):
                 out[alias] = float(value)
         return out
 
@@ -346,10 +346,3 @@ class AxPlanner(Planner):
                 zb = (float(b[p.name]) - p.lower) / (p.upper - p.lower)
             total += (za - zb) ** 2
         return math.sqrt(total)
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,9 +90,38 @@ class Planner(ABC):
         seen = {row_key(h.parameters) for h in history} | {row_key(p) for p in pending}
         return [i for i, row in enumerate(self.problem.pool) if row_key(row) not in seen]
 
+    def completed(self, history: list[HistoryItem]) -> list[HistoryItem]:
+        """The completed trials with a finite value for every outcome the planner models."""
+        names = self.problem.outcome_names
+        return [h for h in history
+                if h.state == "completed" and all(finite(h.outcomes.get(k)) for k in names)]
+
+    def model_proposals(self, params: list[dict[str, Any]], seed: int, mean, sd,
+                        values: list[float], version: str) -> list[Proposal]:
+        """Proposals from a model: ``mean``/``sd`` are ``len(params) x outcomes`` arrays in
+        measured units, in the order of :attr:`Problem.outcome_names`."""
+        names = self.problem.outcome_names
+        return [
+            Proposal(
+                parameters=p, planner=self.name, seed=seed,
+                predicted_mean={k: float(mean[i][j]) for j, k in enumerate(names)},
+                predicted_sd={k: float(sd[i][j]) for j, k in enumerate(names)},
+                acquisition_value=float(values[i]), model_version=version,
+            )
+            for i, p in enumerate(params)
+        ]
+
     def step_seed(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> int:
         """A seed for this call: fixed by the campaign seed and how far the campaign has got."""
         return self.seed * 1_000_003 + 7919 * len(history) + len(pending)
+
+
+def finite(value: Any) -> bool:
+    """``value`` is a number and not NaN or infinite."""
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def row_key(point: dict[str, Any]) -> tuple:

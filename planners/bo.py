@@ -28,7 +28,6 @@ What the model sees (all composed, nothing hidden in the search space):
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from typing import Any
@@ -133,11 +132,7 @@ class BayesianPlanner(Planner):
     # ---- the interface ---------------------------------------------------
     def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
         space = self.problem.space
-        names = self.problem.outcome_names
-        completed = [
-            h for h in history
-            if h.state == "completed" and all(_finite(h.outcomes.get(k)) for k in names)
-        ]
+        completed = self.completed(history)
         seed = self.step_seed(history, pending)
         if len(completed) < self.initial_trials:
             X = sobol_points(space, n, self.seed, skip=len(history) + len(pending))
@@ -165,18 +160,7 @@ class BayesianPlanner(Planner):
         version = f"gp-{len(completed)}" + (f"+{len(failed)}f" if failed else "")
         params = ([dict(self.problem.pool[i]) for i in rows] if rows is not None  # type: ignore[index]
                   else space.decode(legal))
-        return [
-            Proposal(
-                parameters=p,
-                planner=self.name,
-                seed=seed,
-                predicted_mean={k: float(mean[i, j]) for j, k in enumerate(names)},
-                predicted_sd={k: float(sd[i, j]) for j, k in enumerate(names)},
-                acquisition_value=values[i],
-                model_version=version,
-            )
-            for i, p in enumerate(params)
-        ]
+        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), values, version)
 
     # ---- acquisition optimisation -----------------------------------------
     def _optimize(self, acqf, q: int) -> torch.Tensor:
@@ -329,13 +313,6 @@ def _fit(model: SingleTaskGP, maxiter: int) -> SingleTaskGP:
     fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model),
                      optimizer_kwargs={"options": {"maxiter": maxiter}})
     return model
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 __all__ = ["BayesianPlanner", "tail_warp", "tail_unwarp", "torch_device"]

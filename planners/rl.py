@@ -115,7 +115,7 @@ from torch import nn
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
 from planners.baselines import sample_feasible, sobol_points
-from planners.bo import _finite, torch_device
+from planners.bo import torch_device
 from planners.space import CategoricalParameter, IntParameter
 
 _MIN_LOG_SD, _MAX_LOG_SD = math.log(1e-3), math.log(1.0)
@@ -268,10 +268,7 @@ class RLPlanner(Planner):
             return []
         space = self.problem.space
         names = self.problem.outcome_names
-        completed = [
-            h for h in history
-            if h.state == "completed" and all(_finite(h.outcomes.get(k)) for k in names)
-        ]
+        completed = self.completed(history)
         seed = self.step_seed(history, pending)
         rows = self._untried_rows(history, pending)
         if rows is not None:
@@ -320,19 +317,8 @@ class RLPlanner(Planner):
                 mean, var = post.mean, post.variance
 
         params = space.decode(Z) if rows is None else _snap_to_rows(space, Z.cpu(), rows)
-        version = f"rl-gp-{len(completed)}"
-        return [
-            Proposal(
-                parameters=p,
-                planner=self.name,
-                seed=seed,
-                predicted_mean={k: float(mean[i, j]) for j, k in enumerate(names)},
-                predicted_sd={k: float(var[i, j].clamp_min(0).sqrt()) for j, k in enumerate(names)},
-                acquisition_value=scores[i],
-                model_version=version,
-            )
-            for i, p in enumerate(params)
-        ]
+        sd = var.clamp_min(0).sqrt()
+        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), scores, f"rl-gp-{len(completed)}")
 
     # ---- what a point is worth ---------------------------------------------
     def _context(self, X: torch.Tensor, Y: torch.Tensor, rows: list[dict[str, Any]] | None) -> _Ask:
