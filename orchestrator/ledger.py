@@ -9,8 +9,9 @@ lifecycle of DESIGN.md is enforced here: an illegal change is an error.
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,8 @@ from sqlalchemy.orm import (
 )
 
 from planners.base import HistoryItem, Proposal
+
+log = logging.getLogger("labpilot.ledger")
 
 STATES = ("proposed", "vetoed", "approved", "running", "completed", "failed", "abandoned")
 FINAL_STATES = frozenset({"vetoed", "completed", "failed", "abandoned"})
@@ -133,8 +136,35 @@ class ProposalRow(Base):
     predicted_mean: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     predicted_sd: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     acquisition_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: results the model version had not yet been trained on when it made this proposal
+    model_unseen: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: distance from the data the model has seen (1 ~ the typical spacing of that data)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     trial: Mapped[TrialRow] = relationship(back_populates="proposal")
+
+
+class ModelVersionRow(Base):
+    """One surrogate model version: what it was trained on, how well, and where it is saved."""
+
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(20))
+    n_points: Mapped[int] = mapped_column(Integer)
+    data_hash: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    calibration: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    inflation: Mapped[float] = mapped_column(Float, default=1.0)
+    path: Mapped[str] = mapped_column(Text)
+    record: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# Columns added after a ledger format was first released: (table, column, SQL type).
+_ADDED_COLUMNS = (("proposals", "model_unseen", "INTEGER"), ("proposals", "ood_score", "FLOAT"))
 
 
 def sqlite_url(directory: str | Path) -> str:
@@ -159,9 +189,30 @@ class Ledger:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; serialising our own writes avoids busy retries.
         self._write_lock = threading.RLock()
+        #: ``listener(topic, body)`` is told of every change *after* it is committed (the stream
+        #: publishes these); a listener that fails is logged and never undoes the record.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def _notify(self, topic: str, body: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(topic, body)
+            except Exception:  # noqa: BLE001 - the record is safe; only the news is lost
+                log.exception("ledger: a listener failed on %s", topic)
+
+    def _add_missing_columns(self) -> None:
+        """Bring a ledger written by an earlier labpilot up to date (new nullable columns only)."""
+        from sqlalchemy import inspect, text
+
+        inspector = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table, column, sql_type in _ADDED_COLUMNS:
+                if column not in {c["name"] for c in inspector.get_columns(table)}:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
     @classmethod
     def for_directory(cls, directory: str | Path, url: str | None = None) -> Ledger:
@@ -216,14 +267,25 @@ class Ledger:
             s.flush()
             s.add(ProposalRow(
                 trial_id=trial.id, planner=proposal.planner, seed=proposal.seed,
-                model_version=proposal.model_version,
+                model_version=proposal.model_version, model_unseen=proposal.model_unseen,
+                ood_score=_finite_or_none(proposal.ood_score),
                 predicted_mean=_jsonable(proposal.predicted_mean),
                 predicted_sd=_jsonable(proposal.predicted_sd),
                 acquisition_value=_finite_or_none(proposal.acquisition_value),
             ))
             s.add(TrialEventRow(trial_id=trial.id, from_state=None, to_state="proposed",
                                 actor="planner", reason=f"proposed by {proposal.planner}"))
-            return trial.id
+            body = _trial_body(trial, None, "planner", f"proposed by {proposal.planner}")
+        if self.listeners:
+            self._notify("proposal", {**body, "planner": proposal.planner, "seed": proposal.seed,
+                                      "model_version": proposal.model_version,
+                                      "model_unseen": proposal.model_unseen,
+                                      "ood_score": _finite_or_none(proposal.ood_score),
+                                      "predicted_mean": _jsonable(proposal.predicted_mean),
+                                      "predicted_sd": _jsonable(proposal.predicted_sd),
+                                      "acquisition_value": _finite_or_none(proposal.acquisition_value)})
+            self._notify("trial", body)
+        return body["trial_id"]
 
     def transition(self, trial_id: int, to_state: str, actor: str, reason: str = "",
                    **fields: Any) -> None:
@@ -233,7 +295,14 @@ class Ledger:
         if actor not in ACTORS:
             raise ValueError(f"unknown actor {actor!r}; actors are {ACTORS}")
         with self._write() as s:
-            self._transition(s, trial_id, to_state, actor, reason, **fields)
+            before = s.get(TrialRow, trial_id)
+            from_state = before.state if before is not None else None
+            trial = self._transition(s, trial_id, to_state, actor, reason, **fields)
+            body = _trial_body(trial, from_state, actor, reason) if self.listeners else {}
+        if body:
+            if to_state == "vetoed":
+                self._notify("veto", body)
+            self._notify("trial", body)
 
     def _transition(self, s: Session, trial_id: int, to_state: str, actor: str, reason: str,
                     **fields: Any) -> TrialRow:
@@ -262,9 +331,30 @@ class Ledger:
                  units: dict[str, str] | None = None) -> None:
         """Record a trial's observation and mark it completed, in one transaction."""
         with self._write() as s:
-            self._transition(s, trial_id, "completed", "system", "measured", run_uid=run_uid)
+            trial = self._transition(s, trial_id, "completed", "system", "measured", run_uid=run_uid)
             s.add(ObservationRow(trial_id=trial_id, values=_jsonable(values), units=units or {},
                                  run_uid=run_uid))
+            body = _trial_body(trial, "running", "system", "measured") if self.listeners else {}
+        if body:
+            self._notify("trial", {**body, "outcomes": _jsonable(values), "units": units or {}})
+
+    # ---- surrogate models -----------------------------------------------------
+    def record_model_version(self, campaign_id: int, record: dict[str, Any]) -> None:
+        """Record a surrogate model version (``ModelVersion.record()``), then tell listeners."""
+        record = _jsonable(record)
+        with self._write() as s:
+            s.add(ModelVersionRow(
+                campaign_id=campaign_id, number=record["number"], label=record["label"],
+                kind=record["kind"], n_points=record["n_points"], data_hash=record["data_hash"],
+                metrics=record.get("metrics", {}), calibration=record.get("calibration", {}),
+                inflation=float(record.get("inflation", 1.0)), path=record["path"], record=record,
+            ))
+        self._notify("model", {"campaign_id": campaign_id, **record})
+
+    def model_versions(self, campaign_id: int) -> list[ModelVersionRow]:
+        with self._sessions() as s:
+            return list(s.scalars(select(ModelVersionRow).where(ModelVersionRow.campaign_id == campaign_id)
+                                  .order_by(ModelVersionRow.number)))
 
     # ---- reading ------------------------------------------------------------
     def trials(self, campaign_id: int, states: tuple[str, ...] | None = None) -> list[TrialRow]:
@@ -321,6 +411,8 @@ class Ledger:
             if t.proposal is not None:
                 row["planner"] = t.proposal.planner
                 row["model_version"] = t.proposal.model_version
+                row["model_unseen"] = t.proposal.model_unseen
+                row["ood_score"] = t.proposal.ood_score
                 row.update({f"predicted.{k}": v for k, v in t.proposal.predicted_mean.items()})
             row.update({"run_uid": t.run_uid, "reason": t.reason, "created_at": t.created_at,
                         "started_at": t.started_at, "finished_at": t.finished_at})
@@ -328,10 +420,18 @@ class Ledger:
         return pd.DataFrame(rows)
 
 
+def _trial_body(trial: TrialRow, from_state: str | None, actor: str, reason: str) -> dict[str, Any]:
+    """What the stream says of a trial's change: enough to follow a campaign without the ledger."""
+    return {"campaign_id": trial.campaign_id, "trial_id": trial.id, "number": trial.number,
+            "state": trial.state, "from_state": from_state, "actor": actor, "reason": reason,
+            "parameters": dict(trial.parameters), "instrument": trial.instrument,
+            "run_uid": trial.run_uid, "at": utcnow().timestamp()}
+
+
 def _finite_or_none(x: float | None) -> float | None:
     import math
 
-    return x if x is not None and math.isfinite(x) else None
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

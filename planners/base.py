@@ -35,6 +35,10 @@ class Proposal:
     predicted_sd: dict[str, float] = field(default_factory=dict)
     acquisition_value: float | None = None
     model_version: str | None = None
+    #: results the model version had not been trained on when it made this proposal
+    model_unseen: int | None = None
+    #: distance of the point from the data the model has seen (~1: the data's own spacing)
+    ood_score: float | None = None
 
 
 @dataclass(frozen=True)
