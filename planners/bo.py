@@ -52,28 +52,12 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
 from planners.baselines import _proposals, sobol_points
+from planners.surrogates.targets import TargetMap, tail_unwarp, tail_warp, warp_with
 
 
 def torch_device() -> torch.device:
     """``cuda`` when there is one, the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def tail_warp(u: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
-    """Warp utilities (``n``, larger is better): centre on the median, scale by the spread,
-    and log-compress only the side below the median. Returns the warped values and the
-    ``(centre, scale)`` that :func:`tail_unwarp` needs. Monotone, so the best stays best."""
-    centre = float(u.median())
-    mad = float((u - centre).abs().median()) * 1.4826
-    scale = mad if mad > 1e-12 else float(u.std()) if len(u) > 1 and float(u.std()) > 1e-12 else 1.0
-    z = (u - centre) / scale
-    return torch.where(z >= 0, z, -torch.log1p(-z.clamp(max=0))), (centre, scale)
-
-
-def tail_unwarp(w: torch.Tensor, centre: float, scale: float) -> torch.Tensor:
-    """Inverse of :func:`tail_warp`."""
-    z = torch.where(w >= 0, w, -torch.expm1(-w.clamp(max=0)))
-    return centre + scale * z
 
 
 class BayesianPlanner(Planner):
@@ -213,20 +197,8 @@ class _ModelSetup:
         self.constraints = problem.outcome_constraints
         space = problem.space
         self.X = space.encode([h.parameters for h in completed]).to(**tk)
-        columns, self.unwarp = [], []
-        for o in self.objectives:
-            raw = torch.tensor([float(h.outcomes[o.name]) for h in completed], **tk)
-            if o.goal == "target":
-                columns.append(raw)
-                self.unwarp.append(None)
-            else:
-                w, (c, s) = tail_warp(o.utility(raw))
-                columns.append(w)
-                self.unwarp.append((c, s, o.goal))
-        for c in self.constraints:
-            columns.append(torch.tensor([float(h.outcomes[c.name]) for h in completed], **tk))
-        self.Y_raw = torch.tensor([[float(h.outcomes[o.name]) for o in self.objectives] for h in completed], **tk)
-        Y = torch.stack(columns, dim=-1)
+        self.targets, Y = TargetMap.fit(problem, [h.outcomes for h in completed])
+        Y = Y.to(**tk)
         fit = lambda m: _fit(m, planner.fit_maxiter)  # noqa: E731
         main = fit(SingleTaskGP(self.X, Y, outcome_transform=Standardize(m=Y.shape[-1])))
         self.n_main = Y.shape[-1]
@@ -280,32 +252,21 @@ class _ModelSetup:
         """A reference point given in measured units, in the model's (warped) utility space."""
         out = []
         for i, o in enumerate(self.objectives):
-            if self.unwarp[i] is None:
+            warp = self.targets.columns[i].warp
+            if warp is None:
                 out.append(-(ref_raw[i] - o.target).abs())
-                continue
-            c, s, _ = self.unwarp[i]
-            z = (o.utility(ref_raw[i]) - c) / s
-            out.append(torch.where(z >= 0, z, -torch.log1p(-z.clamp(max=0))))
+            else:
+                out.append(warp_with(o.utility(ref_raw[i]), *warp))
         return torch.stack(out)
 
     def predict(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted mean and standard deviation of every outcome in measured units (``q x m``),
-        from posterior samples mapped back through the warp."""
+        """Predicted mean and standard deviation of every outcome in measured units (``q x m``,
+        in the order of ``Problem.outcome_names``), from posterior samples mapped back through
+        the warp."""
         with torch.no_grad():
             samples = self.model.posterior(X).rsample(torch.Size([256]))  # 256 x q x outputs
-        cols = []
-        for i in range(len(self.objectives)):
-            z = samples[..., i]
-            if self.unwarp[i] is not None:
-                c, s, goal = self.unwarp[i]
-                u = tail_unwarp(z, c, s)
-                z = u if goal == "maximize" else -u
-            cols.append(z)
-        objective_names = [o.name for o in self.objectives]
-        for j, c in enumerate(self.constraints):  # outcome_names lists each outcome once
-            if c.name not in objective_names:
-                cols.append(samples[..., len(self.objectives) + j])
-        S = torch.stack(cols, dim=-1)
+        measured = self.targets.to_measured(samples[..., : self.targets.m])
+        S = torch.stack([measured[k] for k in self.p.problem.outcome_names], dim=-1)
         return S.mean(dim=0), S.std(dim=0)
 
 
