@@ -5,7 +5,8 @@
 # (every run is seeded); proposal times do, so they are read from the timing runs only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LP=.venv/bin/labpilot
+# "python -m" so that the checkout the script sits in is what runs (labpilot would import the installed copy)
+LP=".venv/bin/python -m orchestrator.cli"
 D=../shared/datasets
 O=benchmarks/planners
 laneA() {  # bo against Ax's default on Hartmann6; Branin; failures with and without the feasibility model

@@ -113,3 +113,13 @@ class Instrument:
         if self.result is None:
             keys = outcome_keys(self.device, self.outcomes)
             self.result = lambda docs: read_observation(docs, keys)
+
+    @property
+    def data_keys(self) -> dict[str, str]:
+        """Outcome name -> the event data key that carries it (put in each run's start document,
+        so a reader elsewhere, such as the surrogate trainer, can find the outcomes); empty when
+        the device has no signal named after an outcome (a custom reader knows better)."""
+        try:
+            return outcome_keys(self.device, self.outcomes)
+        except AttributeError:
+            return {}

@@ -1,4 +1,4 @@
-"""The ``labpilot`` command line: run, validate, status, export.
+"""The ``labpilot`` command line: run, validate, status, export, bench, trainer, proxy.
 
 Exit codes: 0 done, 2 bad input (the message says what to fix), 1 failure.
 """
@@ -83,17 +83,20 @@ class TerminalProgress:
         self.progress = Progress(
             TextColumn("trial"), MofNCompleteColumn(), BarColumn(bar_width=28),
             TextColumn("best [bold green]{task.fields[best]}[/]"),
+            TextColumn("[magenta]{task.fields[model]}[/]"),
             TextColumn("[dim]{task.fields[activity]}[/]"), TimeElapsedColumn(),
             console=console, transient=False,
         )
         self.task = self.progress.add_task("trials", total=spec.budget.max_trials, completed=done,
-                                           best=self._best(runtime), activity="starting")
+                                           best=self._best(runtime), activity="starting",
+                                           model=_model_line(runtime))
         self.progress.start()
 
         def refresh() -> None:
             while not self._stop.wait(0.2):
                 busy = [f"{r.instrument.name}: {r.activity}" for r in runtime.runners if r.activity != "idle"]
-                self.progress.update(self.task, activity="; ".join(busy) or "planning")
+                self.progress.update(self.task, activity="; ".join(busy) or "planning",
+                                     model=_model_line(runtime))
 
         self._thread = threading.Thread(target=refresh, daemon=True)
         self._thread.start()
@@ -114,13 +117,25 @@ class TerminalProgress:
             if state != "completed":
                 self.progress.console.print(f"  trial {number} [red]{state}[/]: {info}")
         else:
-            console.print(f"trial {number:>3} {state:<9} {info}  best {self._best(runtime)}")
+            console.print(f"trial {number:>3} {state:<9} {info}  best {self._best(runtime)}  "
+                          f"{_model_line(runtime)}")
 
     def finished(self, runtime, result) -> None:  # noqa: ANN001
         self._stop.set()
         if self.progress is not None:
             self.progress.update(self.task, activity="done")
             self.progress.stop()
+
+
+def _model_line(runtime) -> str:  # noqa: ANN001
+    """The newest surrogate model version, for the progress line."""
+    models = getattr(runtime, "models", None)
+    v = models.latest() if models is not None else None
+    if v is None:
+        return "model -" if models is not None else ""
+    cover = v.calibration.get("overall", {}).get("coverage_95")
+    return (f"model {v.label} ({v.n_points} pts"
+            + (f", 95% cover {cover:.0%}" if cover is not None else "") + ")")
 
 
 def _setup_logging(output_dir: Path) -> None:
@@ -174,6 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     finally:
         api.stop()
+        if "runtime" in locals():
+            runtime.close()
     total = time.perf_counter() - t0
     export_path = _export(runtime.ledger, runtime.campaign_id, output_dir, "csv")
     timing = {
@@ -361,6 +378,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- the stream's own processes -----------------------------------------------------
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """Run the stream's proxy alone, for a campaign whose processes live on several hosts."""
+    from orchestrator.stream import Proxy, StreamError
+
+    try:
+        proxy = Proxy(args.publish, args.subscribe).start()
+    except StreamError as exc:
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    console.print(f"stream proxy: publishers connect to [bold]{proxy.publish_address}[/], subscribers to "
+                  f"[bold]{proxy.subscribe_address}[/]\n  export LABPILOT_STREAM_PUBLISH={proxy.publish_address}"
+                  f"\n  export LABPILOT_STREAM_SUBSCRIBE={proxy.subscribe_address}\nCtrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        proxy.stop()
+    return EXIT_OK
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    """Train a campaign's surrogates in this process (a GPU host can serve a lab PC): catch up
+    from the ledger, then learn from the stream; versions go to the ledger and the stream."""
+    from orchestrator.learning import completed_results
+    from orchestrator.spec import CampaignSpec
+    from orchestrator.stream import Listener, Publisher, Subscriber, document_callback
+    from planners.surrogates import SurrogateTrainer
+
+    settings = Settings()
+    if not (settings.stream_publish and settings.stream_subscribe):
+        err_console.print("[bold red]error[/]: a trainer in its own process needs the stream's addresses: set "
+                          "LABPILOT_STREAM_PUBLISH and LABPILOT_STREAM_SUBSCRIBE (run 'labpilot proxy' to get "
+                          "them), and run the campaign with LABPILOT_TRAINER=external")
+        return EXIT_BAD_INPUT
+    try:
+        ledger = _open_ledger(args.dir) if not settings.ledger_url else _ledger_from_url(settings.ledger_url)
+        campaign = ledger.campaign()
+    except (FileNotFoundError, LookupError) as exc:
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    spec = CampaignSpec.model_validate(campaign.spec)
+    publisher = Publisher(settings.stream_publish, name=f"trainer-{campaign.id}")
+    ledger.listeners.append(lambda topic, body: publisher.publish(topic, body) if topic == "model" else None)
+
+    def announce(version) -> None:  # noqa: ANN001
+        ledger.record_model_version(campaign.id, version.record())
+        console.print(f"model {version.label}: {version.n_points} results, {version.metrics.get('update')} "
+                      f"in {version.metrics.get('seconds', 0):.2f} s")
+
+    trainer = SurrogateTrainer(spec.problem(), args.dir, switch_at=settings.surrogate_switch_at,
+                               on_version=announce, device=args.device)
+    trainer.catch_up(completed_results(ledger, campaign.id))
+    listener = Listener(Subscriber(settings.stream_subscribe, topics=("doc",)),
+                        document_callback(trainer)).start()
+    trainer.start()
+    console.print(f"training surrogates of campaign {campaign.name} on {trainer.device} "
+                  f"({trainer.n_results} results so far); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop()
+        trainer.stop()
+        publisher.close()
+    return EXIT_OK
+
+
+def _ledger_from_url(url: str):  # noqa: ANN202
+    from orchestrator.ledger import Ledger
+
+    return Ledger(url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labpilot", description="Run self-driving-laboratory campaigns.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,6 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json", help="JSON file; a Markdown table is written beside it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("trainer", help="train a campaign's surrogates in this process, from the stream")
+    p.add_argument("dir", help="campaign directory (models are saved under DIR/models)")
+    p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
+    p.set_defaults(func=cmd_trainer)
+    p = sub.add_parser("proxy", help="run the stream's proxy, for a campaign that spans hosts")
+    p.add_argument("--publish", default="tcp://0.0.0.0:5577", help="address publishers connect to")
+    p.add_argument("--subscribe", default="tcp://0.0.0.0:5578", help="address subscribers connect to")
+    p.set_defaults(func=cmd_proxy)
     return parser
 
 

@@ -24,9 +24,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from instruments import Instrument, InstrumentRunner, InstrumentTimeout, MeasurementError
+from orchestrator.learning import CampaignStream, LiveModels
 from orchestrator.ledger import Ledger
 from orchestrator.report import Best, best_so_far
 from orchestrator.safety import veto_reason
+from orchestrator.settings import Settings
 from orchestrator.spec import CampaignSpec, InstrumentSpec
 from planners import Planner, Proposal, make_planner
 
@@ -130,21 +132,36 @@ class CampaignRuntime:
     """Everything one campaign run holds: spec, ledger, planner, instrument runners."""
 
     def __init__(self, spec: CampaignSpec, output_dir: str | Path,
-                 observer: CampaignObserver | None = None, on_document=None) -> None:
+                 observer: CampaignObserver | None = None, on_document=None,
+                 settings: Settings | None = None) -> None:
         self.spec = spec
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        from orchestrator.settings import Settings
-
-        self.ledger = Ledger.for_directory(self.output_dir, spec.store or Settings().ledger_url)
+        settings = settings or Settings()
+        self.ledger = Ledger.for_directory(self.output_dir, spec.store or settings.ledger_url)
         self.campaign_id, self.resumed = self.ledger.open_campaign(
             spec.name, spec.model_dump(mode="json"), spec.seed)
         self.problem = spec.problem()
         self.planner = make_planner(spec.planner.name, self.problem, spec.seed, spec.planner.options)
-        self.runners = build_runners(spec, on_document)
+        # The bus first (it relays the ledger's news from now on), then the RunEngines on it.
+        self.stream = CampaignStream(self.ledger, self.campaign_id, settings.stream_publish,
+                                     settings.stream_subscribe).start()
+        callbacks = [self.stream.on_document] + ([on_document] if on_document else [])
+        self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
+        self.models: LiveModels | None = None
+        if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False):
+            self.models = LiveModels(self.stream, self.problem, self.output_dir, settings.trainer,
+                                     switch_at=settings.surrogate_switch_at).start()
+            self.planner.surrogate_source = self.models
         self.observer = observer or CampaignObserver()
         self.timings: dict[str, list[float]] = {"propose": [], "instrument": [], "overhead": []}
         self.stop_requested = threading.Event()
+
+    def close(self) -> None:
+        """Stop the trainer and the stream (the ledger stays open for reading)."""
+        if self.models is not None:
+            self.models.stop()
+        self.stream.stop()
 
     def best(self) -> Best:
         ref = None
@@ -226,7 +243,7 @@ class _Dispatcher:
         self.in_flight[trial_id] = trial.parameters
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
-              "parameters": trial.parameters}
+              "parameters": trial.parameters, "outcome_keys": runner.instrument.data_keys}
         fut = run_trial.submit(runner, trial_id, trial.parameters, md)
         fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
 

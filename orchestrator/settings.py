@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -14,6 +15,15 @@ class Settings(BaseSettings):
     ledger_url: str | None = None
     prefect_startup_timeout: int = 90
     log_level: str = "WARNING"
+    #: where publishers send (a proxy's in side) and subscribers listen (its out side); both
+    #: unset: ``labpilot run`` starts its own proxy on loopback, on free ports
+    stream_publish: str | None = None
+    stream_subscribe: str | None = None
+    #: the surrogate trainer: ``inprocess`` (in ``labpilot run``), ``external`` (``labpilot
+    #: trainer DIR`` elsewhere; the run only follows its model versions) or ``off``
+    trainer: Literal["inprocess", "external", "off"] = "inprocess"
+    #: results from which the deep ensemble replaces the exact GP
+    surrogate_switch_at: int = 1000
 
 
 def configure_prefect_environment(settings: Settings | None = None) -> None:

@@ -7,12 +7,14 @@ trainer, the console, anything else) connect to its other side. In one
 ports; across hosts it runs alone (``labpilot proxy``) and everyone is given
 its two addresses (``LABPILOT_STREAM_PUBLISH`` / ``LABPILOT_STREAM_SUBSCRIBE``).
 
-A message is four ZeroMQ frames::
+A message is one ZeroMQ frame (one frame, not several: at tens of thousands of
+documents a second every system call counts)::
 
     topic      b"doc" (event-model documents), b"trial", b"proposal", b"veto",
                b"model", b"calibration" (campaign events), b"_sync" (link checks)
+    b"\0"      end of the topic (subscriptions match b"doc\0", never a longer topic)
+    stamp      big-endian uint64 seq, float64 unix time, uint8 length of the name
     publisher  its name, UTF-8 (host:pid:random unless named)
-    stamp      big-endian uint64 seq, float64 unix time (struct ">Qd")
     body       msgpack dict; for b"doc": {"name", "doc", "instrument"}
 
 ``seq`` counts 1, 2, 3, ... per publisher *and topic*, so a subscriber that
@@ -50,7 +52,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import zmq
@@ -71,7 +73,7 @@ def _encode_default(obj: Any) -> Any:
     return str(obj)
 
 
-_STAMP = struct.Struct(">Qd")
+_STAMP = struct.Struct(">QdB")
 
 
 def pack(obj: Any) -> bytes:
@@ -82,8 +84,7 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """One message off the bus."""
 
     topic: str
@@ -204,6 +205,9 @@ class Publisher:
                  context: zmq.Context | None = None) -> None:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._name_b = self.name.encode()
+        if len(self._name_b) > 255:
+            raise ValueError(f"publisher name {self.name!r} is longer than 255 bytes; give a shorter one")
+        self._topics: dict[str, bytes] = {}
         self._packer = msgpack.Packer(default=_encode_default, use_bin_type=True)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
@@ -223,9 +227,12 @@ class Publisher:
                 return 0
             seq = self._seq.get(topic, 0) + 1
             self._seq[topic] = seq
+            head = self._topics.get(topic)
+            if head is None:
+                head = self._topics[topic] = topic.encode() + b"\0"
             try:
-                self._sock.send_multipart(
-                    [topic.encode(), self._name_b, _STAMP.pack(seq, time.time()), self._packer.pack(body)])
+                self._sock.send(b"".join((head, _STAMP.pack(seq, time.time(), len(self._name_b)), self._name_b,
+                                          self._packer.pack(body))))
                 self.sent += 1
             except zmq.ZMQError as exc:  # the ledger has it; the subscriber will see the gap
                 log.warning("stream: could not publish %s #%d: %s", topic, seq, exc)
@@ -270,7 +277,8 @@ class Subscriber:
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         for t in (*topics, SYNC):
-            self._sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+            self._sock.setsockopt(zmq.SUBSCRIBE, t.encode() + b"\0")
+        self._names: dict[bytes, str] = {}
         self._sock.connect(address)
         self.topics = topics
         self.from_start = from_start
@@ -291,12 +299,14 @@ class Subscriber:
             return self._buffer.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(max(1, int(left * 1000))):
-                    return None
-            frames = self._sock.recv_multipart()
-            msg = self._accept(frames)
+            try:  # what is already queued needs no poll
+                msg = self._accept(self._sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._sock.poll(max(1, int(left * 1000))):
+                        return None
+                msg = self._accept(self._sock.recv())
             if msg is not None:
                 return msg
 
@@ -307,20 +317,25 @@ class Subscriber:
             out.append(self._buffer.popleft())
         while len(out) < limit:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            msg = self._accept(frames)
+            msg = self._accept(frame)
             if msg is not None:
                 out.append(msg)
         return out
 
-    def _accept(self, frames: list[bytes]) -> Message | None:
-        if len(frames) != 4:
-            log.warning("stream: dropped a message of %d frames (expected 4)", len(frames))
+    def _accept(self, frame: bytes) -> Message | None:
+        try:
+            cut = frame.index(b"\0")
+            seq, t, size = _STAMP.unpack_from(frame, cut + 1)
+            start = cut + 1 + _STAMP.size
+            raw = frame[: cut], frame[start: start + size]
+            topic, publisher = (self._names.get(r) or self._names.setdefault(r, r.decode()) for r in raw)
+            body_at = start + size
+        except (ValueError, struct.error, UnicodeDecodeError):
+            log.warning("stream: dropped a message that is not in labpilot's format (%d bytes)", len(frame))
             return None
-        topic, publisher = frames[0].decode(), frames[1].decode()
-        seq, t = _STAMP.unpack(frames[2])
         if topic == SYNC:
             self._synced.set()
             return None
@@ -340,7 +355,7 @@ class Subscriber:
                 self.on_gap(gap)
         self._last[key] = seq
         self.stats.received += 1
-        return Message(topic, publisher, seq, t, unpack(frames[3]))
+        return Message(topic, publisher, seq, t, unpack(frame[body_at:]))
 
     def wait_linked(self, publisher: Publisher, timeout: float = 10.0) -> None:
         """Block until messages from ``publisher`` reach this subscriber (ZeroMQ drops what a
@@ -352,7 +367,7 @@ class Subscriber:
                                   f"{timeout:g} s; is the proxy running at the configured addresses?")
             publisher.publish(SYNC, {})
             if self._sock.poll(20):
-                msg = self._accept(self._sock.recv_multipart())
+                msg = self._accept(self._sock.recv())
                 if msg is not None:  # kept for the caller, in order
                     self._buffer.append(msg)
 

@@ -101,16 +101,19 @@ class Planner(ABC):
                 if h.state == "completed" and all(finite(h.outcomes.get(k)) for k in names)]
 
     def model_proposals(self, params: list[dict[str, Any]], seed: int, mean, sd,
-                        values: list[float], version: str) -> list[Proposal]:
+                        values: list[float], version: str, unseen: int | None = None,
+                        ood: list[float] | None = None) -> list[Proposal]:
         """Proposals from a model: ``mean``/``sd`` are ``len(params) x outcomes`` arrays in
-        measured units, in the order of :attr:`Problem.outcome_names`."""
+        measured units, in the order of :attr:`Problem.outcome_names`; ``unseen`` results the
+        model had not been trained on; ``ood`` the out-of-domain score of each point."""
         names = self.problem.outcome_names
         return [
             Proposal(
                 parameters=p, planner=self.name, seed=seed,
                 predicted_mean={k: float(mean[i][j]) for j, k in enumerate(names)},
                 predicted_sd={k: float(sd[i][j]) for j, k in enumerate(names)},
-                acquisition_value=float(values[i]), model_version=version,
+                acquisition_value=float(values[i]), model_version=version, model_unseen=unseen,
+                ood_score=None if ood is None else float(ood[i]),
             )
             for i, p in enumerate(params)
         ]

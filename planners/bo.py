@@ -46,12 +46,14 @@ from botorch.models import ModelListGP, SingleTaskGP
 from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf, optimize_acqf_discrete, optimize_acqf_mixed
 from botorch.sampling import SobolQMCNormalSampler
+from botorch.sampling.get_sampler import get_sampler
 from botorch.utils.multi_objective.hypervolume import infer_reference_point
 from botorch.utils.sampling import manual_seed
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
 from planners.baselines import _proposals, sobol_points
+from planners.surrogates import inflate, ood_score
 from planners.surrogates.targets import TargetMap, tail_unwarp, tail_warp, warp_with
 
 
@@ -112,6 +114,11 @@ class BayesianPlanner(Planner):
         self.sequential = bool(sequential)
         self.fit_maxiter = int(fit_maxiter)
         self.tkwargs: dict[str, Any] = {"device": torch_device(), "dtype": torch.double}
+        #: where the newest trained surrogate comes from (``latest() -> ModelVersion | None``),
+        #: set by the orchestrator; ``None``: this planner fits its own GP on every ask
+        self.surrogate_source: Any = None
+
+    accepts_surrogates = True
 
     # ---- the interface ---------------------------------------------------
     def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
@@ -124,13 +131,17 @@ class BayesianPlanner(Planner):
 
         # gpytorch's debug checks (shapes of the training data on every call) cost a fifth of the
         # GP fit at lab sizes; the inputs here are built by us and checked once, on encoding.
-        with manual_seed(seed), gpytorch.settings.debug(False), warnings.catch_warnings():
+        # Exact Cholesky up to 20,000 points (GPyTorch would switch to approximate solves at 800,
+        # and a trained GP version may hold up to the trainer's switch point).
+        with manual_seed(seed), gpytorch.settings.debug(False), gpytorch.settings.max_cholesky_size(20_000), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore", category=OptimizationWarning)
             warnings.simplefilter("ignore", category=InputDataWarning)
             warnings.simplefilter("ignore", category=BotorchWarning)
             warnings.simplefilter("ignore", category=RuntimeWarning)
             failed = [h for h in history if h.state == "failed"] if self.feasibility_model else []
-            setup = _ModelSetup(self, completed, failed)
+            trained = self._trained_version()
+            setup = _ModelSetup(self, completed, failed, trained)
             X_pending = space.encode(pending).to(**self.tkwargs) if pending else None
             acqf = setup.acquisition(X_pending, seed, self.mc_samples)
             if self.problem.pool is not None:
@@ -141,10 +152,27 @@ class BayesianPlanner(Planner):
             mean, sd = setup.predict(legal)
             with torch.no_grad():
                 values = [float(acqf(legal[i : i + 1].unsqueeze(0))) for i in range(len(legal))]
-        version = f"gp-{len(completed)}" + (f"+{len(failed)}f" if failed else "")
+            ood = ood_score(setup.X, legal).tolist()
+        if trained is None:
+            version, unseen = f"gp-{len(completed)}", 0
+        else:
+            version, unseen = trained.label, max(0, len(completed) - trained.n_points)
+        version += f"+{len(failed)}f" if failed else ""
+        if setup.inflation > 1:
+            version += f"x{setup.inflation:.2g}"
         params = ([dict(self.problem.pool[i]) for i in rows] if rows is not None  # type: ignore[index]
                   else space.decode(legal))
-        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), values, version)
+        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), values, version,
+                                    unseen=unseen, ood=ood)
+
+    def _trained_version(self) -> Any:
+        """The newest trained model version when one is available and fits this problem."""
+        if self.surrogate_source is None:
+            return None
+        version = self.surrogate_source.latest()
+        if version is None or version.targets.m != len(self.problem.objectives) + len(self.problem.outcome_constraints):
+            return None
+        return version
 
     # ---- acquisition optimisation -----------------------------------------
     def _optimize(self, acqf, q: int) -> torch.Tensor:
@@ -190,7 +218,8 @@ class _ModelSetup:
     one per constrained outcome (raw), then success probability if trials failed.
     """
 
-    def __init__(self, planner: BayesianPlanner, completed: list[HistoryItem], failed: list[HistoryItem]):
+    def __init__(self, planner: BayesianPlanner, completed: list[HistoryItem], failed: list[HistoryItem],
+                 trained: Any = None):
         self.p = planner
         problem, tk = planner.problem, planner.tkwargs
         self.objectives = problem.objectives
@@ -200,7 +229,21 @@ class _ModelSetup:
         self.targets, Y = TargetMap.fit(problem, [h.outcomes for h in completed])
         Y = Y.to(**tk)
         fit = lambda m: _fit(m, planner.fit_maxiter)  # noqa: E731
-        main = fit(SingleTaskGP(self.X, Y, outcome_transform=Standardize(m=Y.shape[-1])))
+        self.inflation = 1.0
+        if trained is None:
+            main = fit(SingleTaskGP(self.X, Y, outcome_transform=Standardize(m=Y.shape[-1])))
+        elif trained.kind == "gp":  # the trainer's hyperparameters on all the data there is now
+            main = trained.surrogate.with_data(self.X, Y)
+        else:  # the deep ensemble as trained (on its version's data and scale)
+            main, self.targets = trained.surrogate.model, trained.targets
+        # BoTorch's cached root decomposition works only on a plain GPyTorch posterior
+        self.ensemble = trained is not None and trained.kind != "gp"
+        self.cache_root = (trained is None or trained.kind == "gp") and not (trained and trained.inflation > 1)
+        if trained is not None and trained.inflation > 1:
+            # the recent results fell outside the model's intervals too often: widen them, so the
+            # acquisition values uncertainty more (explores more) until calibration recovers
+            self.inflation = float(trained.inflation)
+            main = inflate(main, self.inflation)
         self.n_main = Y.shape[-1]
         self.feasibility = None
         if failed:
@@ -228,13 +271,16 @@ class _ModelSetup:
         return out
 
     def acquisition(self, X_pending: torch.Tensor | None, seed: int, mc_samples: int):
-        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([mc_samples]), seed=seed)
+        if self.ensemble:  # its posterior's samples are its members (and the feasibility GP's, if any)
+            sampler = get_sampler(self.model.posterior(self.X[:1]), torch.Size([mc_samples]), seed=seed)
+        else:
+            sampler = SobolQMCNormalSampler(sample_shape=torch.Size([mc_samples]), seed=seed)
         constraints = self._constraint_callables() or None
         if len(self.objectives) == 1:
             return qLogNoisyExpectedImprovement(
                 model=self.model, X_baseline=self.X, sampler=sampler,
                 objective=GenericMCObjective(lambda Z, X=None: self._utilities(Z)[..., 0]),
-                constraints=constraints, X_pending=X_pending, prune_baseline=True,
+                constraints=constraints, X_pending=X_pending, prune_baseline=True, cache_root=self.cache_root,
             )
         with torch.no_grad():
             U = self._utilities(self.model.posterior(self.X).mean)
@@ -245,7 +291,7 @@ class _ModelSetup:
         return qLogNoisyExpectedHypervolumeImprovement(
             model=self.model, ref_point=ref.tolist(), X_baseline=self.X, sampler=sampler,
             objective=GenericMCMultiOutputObjective(lambda Z, X=None: self._utilities(Z)),
-            constraints=constraints, X_pending=X_pending, prune_baseline=True,
+            constraints=constraints, X_pending=X_pending, prune_baseline=True, cache_root=self.cache_root,
         )
 
     def _utility_of_reference(self, ref_raw: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.learning import FixedModels, recorded_version
 from orchestrator.ledger import FINAL_STATES, Ledger, sqlite_url
 from planners import make_planner
 from planners.base import HistoryItem
@@ -143,10 +144,15 @@ def test_campaign_decisions_are_reproducible_from_the_ledger(write_campaign, tmp
     from orchestrator.spec import parse_campaign
 
     spec = parse_campaign(campaign.spec)
-    planner = make_planner("bo", spec.problem(), spec.seed, options)
-    for k in (4, 6):  # one Sobol proposal and one model-based proposal, rebuilt from history
+    for k in (4, 6, 7):  # one Sobol proposal and model-based ones, rebuilt from history
+        planner = make_planner("bo", spec.problem(), spec.seed, options)
+        # the trainer's model version the proposal names, from its checkpoint (None: the
+        # planner fitted its own model then)
+        version = recorded_version(ledger, cid, trials[k].proposal.model_version)
+        planner.surrogate_source = FixedModels(version)
         history = [HistoryItem(t.parameters, "completed", dict(t.observation.values)) for t in trials[:k]]
         again = planner.ask(1, history, [])[0]
+        assert again.model_version == trials[k].proposal.model_version
         for name, value in trials[k].parameters.items():
             assert again.parameters[name] == pytest.approx(value, abs=1e-9)
 

@@ -1,0 +1,174 @@
+"""Wires one campaign process to the stream and to its surrogate models.
+
+- :class:`CampaignStream`: the bus of a ``labpilot run`` (its own loopback
+  proxy unless addresses are configured), one publisher for every RunEngine's
+  documents and for the ledger's news (trial changes, proposals, vetoes, model
+  versions), published after the ledger has them.
+- :class:`LiveModels`: what a planner asks for the newest model version. With
+  ``trainer: inprocess`` it runs a :class:`~planners.surrogates.SurrogateTrainer`
+  fed from the stream (the same path a trainer on another host takes); with
+  ``external`` it follows the ``model`` topic and loads each version a
+  ``labpilot trainer DIR`` process announces, from the campaign directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from orchestrator.ledger import Ledger
+from orchestrator.stream import Listener, Message, Proxy, Publisher, Subscriber, document_callback
+
+log = logging.getLogger("labpilot.learning")
+
+
+class CampaignStream:
+    """The bus of one campaign process; ``start()`` then ``stop()``."""
+
+    def __init__(self, ledger: Ledger, campaign_id: int, publish: str | None = None,
+                 subscribe: str | None = None) -> None:
+        if (publish is None) != (subscribe is None):
+            raise ValueError("give both stream addresses (LABPILOT_STREAM_PUBLISH and "
+                             "LABPILOT_STREAM_SUBSCRIBE) or neither (an embedded loopback proxy)")
+        self.ledger, self.campaign_id = ledger, campaign_id
+        self.proxy: Proxy | None = None
+        self.publish_address, self.subscribe_address = publish, subscribe
+        self.publisher: Publisher | None = None
+
+    def start(self) -> CampaignStream:
+        if self.publish_address is None:
+            self.proxy = Proxy().start()
+            self.publish_address = self.proxy.publish_address
+            self.subscribe_address = self.proxy.subscribe_address
+        self.publisher = Publisher(self.publish_address, name=f"campaign-{self.campaign_id}")
+        self.ledger.listeners.append(self._relay)
+        return self
+
+    def _relay(self, topic: str, body: dict[str, Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(topic, body)
+
+    def on_document(self, name: str, doc: dict[str, Any]) -> None:
+        """The RunEngines' callback: every document onto the bus."""
+        if self.publisher is not None:
+            self.publisher.publish("doc", {"name": name, "doc": doc})
+
+    def subscriber(self, topics: tuple[str, ...]) -> Subscriber:
+        assert self.subscribe_address is not None, "start() the stream first"
+        return Subscriber(self.subscribe_address, topics=topics)
+
+    def stop(self) -> None:
+        if self._relay in self.ledger.listeners:
+            self.ledger.listeners.remove(self._relay)
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+
+
+def completed_results(ledger: Ledger, campaign_id: int) -> list[tuple[int, dict[str, Any], dict[str, float]]]:
+    """``(trial id, parameters, outcomes)`` of every completed trial in the ledger."""
+    return [(t.id, dict(t.parameters), dict(t.observation.values))
+            for t in ledger.trials(campaign_id, ("completed",)) if t.observation is not None]
+
+
+class LiveModels:
+    """The newest surrogate model version for the planner (``latest()``), kept current from the
+    stream; every version is recorded in the ledger and announced on the bus."""
+
+    def __init__(self, stream: CampaignStream, problem: Any, directory: str | Path, mode: str = "inprocess",
+                 outcome_keys: dict[str, str] | None = None, switch_at: int = 1000) -> None:
+        if mode not in ("inprocess", "external"):
+            raise ValueError(f"trainer mode {mode!r}: use 'inprocess', 'external' or 'off'")
+        self.stream, self.mode = stream, mode
+        self.ledger, self.campaign_id = stream.ledger, stream.campaign_id
+        self.trainer = None
+        self._latest = None
+        self._lock = threading.Lock()
+        if mode == "inprocess":
+            from planners.surrogates import SurrogateTrainer
+
+            self.trainer = SurrogateTrainer(problem, directory, outcome_keys=outcome_keys, switch_at=switch_at,
+                                            on_version=self._announce)
+        self.listener: Listener | None = None
+
+    def start(self) -> LiveModels:
+        if self.trainer is not None:
+            self.trainer.catch_up(completed_results(self.ledger, self.campaign_id))
+            sub = self.stream.subscriber(("doc",))
+            assert self.stream.publisher is not None
+            sub.wait_linked(self.stream.publisher)
+            self.listener = Listener(sub, document_callback(self.trainer), name="labpilot-trainer-intake").start()
+            self.trainer.start()
+        else:
+            rows = self.ledger.model_versions(self.campaign_id)
+            if rows:
+                self._load(rows[-1].record)
+            sub = self.stream.subscriber(("model",))
+            assert self.stream.publisher is not None
+            sub.wait_linked(self.stream.publisher)
+            self.listener = Listener(sub, self._on_model, name="labpilot-model-follower").start()
+        return self
+
+    def _announce(self, version: Any) -> None:
+        self.ledger.record_model_version(self.campaign_id, version.record())
+
+    def _on_model(self, msg: Message) -> None:
+        if msg.body.get("campaign_id") == self.campaign_id:
+            self._load(msg.body)
+
+    def _load(self, record: dict[str, Any]) -> None:
+        from planners.surrogates.trainer import load_version
+
+        try:
+            version = load_version(record)
+        except Exception as exc:  # noqa: BLE001 - keep the last good version
+            log.warning("could not load model version %s from %s: %s", record.get("number"),
+                        record.get("path"), exc)
+            return
+        with self._lock:
+            if self._latest is None or version.number > self._latest.number:
+                self._latest = version
+
+    def latest(self) -> Any:
+        if self.trainer is not None:
+            return self.trainer.latest()
+        with self._lock:
+            return self._latest
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        if self.trainer is not None:
+            self.trainer.stop()
+
+
+class FixedModels:
+    """A surrogate source that always gives one version: to replay a recorded decision."""
+
+    def __init__(self, version: Any) -> None:
+        self.version = version
+
+    def latest(self) -> Any:
+        return self.version
+
+
+def recorded_version(ledger: Ledger, campaign_id: int, label: str | None) -> Any:
+    """The model version a proposal names (``gp-v7``, ``ensemble-v12+3fx1.5``), loaded from its
+    checkpoint; ``None`` when the proposal came from the planner's own fit (``gp-35``)."""
+    import re
+
+    match = re.search(r"-v(\d+)", label or "")
+    if match is None:
+        return None
+    number = int(match.group(1))
+    for row in ledger.model_versions(campaign_id):
+        if row.number == number:
+            from planners.surrogates.trainer import load_version
+
+            return load_version(row.record)
+    raise LookupError(f"the ledger has no model version {number} (named by proposal {label!r})")
