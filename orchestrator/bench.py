@@ -121,23 +121,44 @@ def run_one(bp: BenchProblem, planner_name: str, seed: int, budget: int, batch: 
             options: dict[str, Any]) -> dict[str, Any]:
     """One planner on one problem with one seed; returns the raw record of the run."""
     rng = np.random.default_rng(seed)
+    options = dict(options)
+    # "surrogate_trainer": true runs the planner on a surrogate trainer's model versions, as a
+    # campaign does, trained (synchronously, so the run is reproducible) after every result
+    use_trainer = bool(options.pop("surrogate_trainer", False))
     planner = make_planner(planner_name, bp.problem, seed=seed, options=options)
+    trainer, tmp = None, None
+    if use_trainer:
+        import tempfile
+
+        from planners.surrogates import SurrogateTrainer
+
+        tmp = tempfile.TemporaryDirectory(prefix="labpilot-bench-")
+        trainer = SurrogateTrainer(bp.problem, tmp.name)
+        planner.surrogate_source = trainer
     history: list[HistoryItem] = []
     truths: list[dict] = []
-    for point in initial_design(bp, initial, seed):
+
+    def observe(point: dict[str, Any]) -> None:
         h, t = _observe(bp, point, rng)
         history.append(h)
         truths.append(t)
+        if trainer is not None and h.state == "completed":
+            trainer.add_result(len(history), h.parameters, h.outcomes)
+
+    for point in initial_design(bp, initial, seed):
+        observe(point)
     seconds = []
     while len(history) < budget:
         q = min(batch, budget - len(history))
+        if trainer is not None:
+            trainer.update()
         t0 = time.perf_counter()
         proposals = planner.ask(q, history, [])
         seconds.append(time.perf_counter() - t0)
         for p in proposals:
-            h, t = _observe(bp, p.parameters, rng)
-            history.append(h)
-            truths.append(t)
+            observe(p.parameters)
+    if tmp is not None:
+        tmp.cleanup()
     return {"history": history, "truths": truths, "seconds": seconds}
 
 

@@ -244,6 +244,16 @@ def _print_summary(runtime, result, export_path: Path, timing: dict[str, Any]) -
                       + (f" of {optimum['hypervolume']:.4g} possible" if "hypervolume" in optimum else ""))
     else:
         table.add_row("best value", "none yet (no completed trial)")
+    models = runtime.ledger.model_versions(runtime.campaign_id)
+    if models:
+        last = models[-1]
+        cover = (last.calibration or {}).get("overall", {})
+        lat = sorted(m.metrics.get("latency_from_stop", 0.0) for m in models)
+        table.add_row("surrogate models",
+                      f"{len(models)} versions; newest {last.label} on {last.n_points} results "
+                      f"(saved {Path(last.path).name}); result -> new version median {_s(lat[len(lat) // 2])}"
+                      + (f"; 95% interval coverage {cover['coverage_95']:.0%} over the last {cover['count']} "
+                         "results" if cover.get("coverage_95") is not None else ""))
     table.add_row("ledger", str(runtime.ledger.url))
     table.add_row("export", str(export_path))
     table.add_row("time", f"{timing['total_seconds']:.1f} s in all; Prefect API ready at "

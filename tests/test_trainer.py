@@ -229,3 +229,27 @@ def test_a_version_whose_intervals_proved_too_narrow_makes_the_planner_widen_the
     assert float(same.abs()) < 1e-9
     planner.surrogate_source = FixedModels(replace(version, inflation=3.0))
     assert planner.ask(1, history, [])[0].model_version == f"{version.label}x3"
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # every device this machine has
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_and_planner_run_on_each_device_there_is(tmp_path, device):
+    trainer = SurrogateTrainer(PROBLEM, tmp_path, min_points=3, switch_at=7, device=device,
+                               ensemble_options={"max_steps": 200})
+    f = load_problem("branin")
+    history = []
+    for i, p in enumerate(_points(8, seed=11)):
+        y = float(f.evaluate(p)["y"])
+        trainer.add_result(i, p, {"y": y})
+        history.append(HistoryItem(p, "completed", {"y": y}))
+        if i in (5, 7):  # a GP version, then an ensemble one
+            version = trainer.update()
+            assert version.kind == ("gp" if i == 5 else "ensemble")
+            assert str(trainer.device).startswith(device)
+            planner = make_planner("bo", PROBLEM, seed=0, options={"initial_trials": 3, "num_restarts": 2,
+                                                                   "raw_samples": 32})
+            planner.surrogate_source = FixedModels(version)
+            prop = planner.ask(1, history, [])[0]
+            assert prop.model_version == version.label and math.isfinite(prop.predicted_mean["y"])

@@ -117,7 +117,7 @@ class SurrogateTrainer:
     """
 
     def __init__(self, problem: Problem, directory: str | Path, outcome_keys: dict[str, str] | None = None,
-                 switch_at: int = 1000, min_points: int = 3, refit_every: int = 10,
+                 switch_at: int = 1000, min_points: int = 3, refit_every: int = 1,
                  on_version: Callable[[ModelVersion], None] | None = None,
                  device: str | torch.device | None = None, gp_options: dict[str, Any] | None = None,
                  ensemble_options: dict[str, Any] | None = None) -> None:
