@@ -18,20 +18,24 @@ laneB() {  # two noisy objectives in batches of 4; the crossed-barrel pool
   $LP bench --problems branincurrin-noisy --planners bo,random,sobol --seeds 10 --budget 86 --batch 4 --initial 6 --out $O/branincurrin_noisy.json --quiet
   $LP bench --problems $D/crossed_barrel --planners bo,random --seeds 10 --budget 100 --initial 5 --out $O/crossed_barrel.json --quiet
 }
-laneC() {  # the RL planner, on the same paired seeds (same initial designs) as bo in lane A
-  $LP bench --problems branin --planners rl --seeds 10 --budget 30 --initial 5 --out $O/rl_branin.json --quiet
-  $LP bench --problems hartmann6 --planners rl --seeds 10 --budget 35 --initial 5 --out $O/rl_hartmann6.json --quiet
+laneC() {  # the RL planner, on the first 5 of the paired seeds (same initial designs) as bo in lane A
+  $LP bench --problems branin --planners rl --seeds 5 --budget 30 --initial 5 --out $O/rl_branin.json --quiet
+  $LP bench --problems hartmann6 --planners rl --seeds 5 --budget 35 --initial 5 --out $O/rl_hartmann6.json --quiet
 }
 laneD() {  # every other dataset in ../shared/datasets
-  $LP bench --problems $D/suzuki $D/hplc $D/snar $D/alkox $D/photo_pce10 $D/buchwald_a $D/p3ht $D/agnp $D/autoam --planners bo,random --seeds 10 --budget 60 --initial 5 --out $O/datasets.json --quiet
+  $LP bench --problems $D/suzuki $D/hplc $D/snar $D/alkox $D/photo_pce10 $D/buchwald_a $D/p3ht $D/agnp $D/autoam --planners bo,random --seeds 5 --budget 50 --initial 5 --out $O/datasets.json --quiet
 }
 timing() {  # alone: proposal time near 35 observations, one point, a batch of 4, and a linear constraint
   $LP bench --problems hartmann6 --planners bo,ax --seeds 3 --budget 35 --initial 30 --out $O/time_q1.json --quiet
   $LP bench --problems hartmann6 --planners bo,ax --seeds 3 --budget 39 --batch 4 --initial 23 --out $O/time_q4.json --quiet
   $LP bench --problems hartmann6-constrained --planners bo,ax --seeds 3 --budget 35 --initial 30 --out $O/time_lincon.json --quiet
 }
+# Two lanes share the 2 cores: one torch thread each (two threads each oversubscribe the cores and
+# slow both several-fold). The timing runs, alone, keep torch's default.
+lanes_env() { export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; }
 case "${1:-all}" in
-  laneA|laneB|laneC|laneD|timing) "$1" ;;
-  all) laneA & laneB & wait; laneC & laneD & wait; timing ;;
+  laneA|laneB|laneC|laneD) lanes_env; "$1" ;;
+  timing) timing ;;
+  all) (lanes_env; laneA & laneB & wait; laneC & laneD & wait); timing ;;
   *) echo "usage: $0 [all|laneA|laneB|laneC|laneD|timing]" >&2; exit 2 ;;
 esac
