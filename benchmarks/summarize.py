@@ -24,7 +24,8 @@ def main() -> None:
     rows = []
 
     def row(target, measured, met):
-        rows.append(f"| {target} | {measured} | {'met' if met else 'NOT met' if met is False else 'not run'} |")
+        verdict = {True: "met", False: "NOT met", None: "not run"}.get(met, met)
+        rows.append(f"| {target} | {measured} | {verdict} |")
 
     h6 = load(folder, "hartmann6")
     if h6:
@@ -36,8 +37,9 @@ def main() -> None:
             None if r_ax is None else r_bo <= r_ax)
         if ax:
             t_bo, t_ax = bo["proposal_seconds"]["median"], ax["proposal_seconds"]["median"]
-            row("Hartmann6 whole run: bo proposal time vs Ax (ratio)", f"bo {fmt(t_bo, 3)} s, ax {fmt(t_ax, 3)} s, "
-                f"{t_ax / t_bo:.1f}x", t_ax / t_bo >= 3)
+            row("Hartmann6 whole run (5-34 observations, lanes sharing the machine): proposal time",
+                f"bo {fmt(t_bo, 3)} s, ax {fmt(t_ax, 3)} s, {t_ax / t_bo:.1f}x",
+                "information (the timing target is read from the timing runs)")
     else:
         row("Hartmann6 targets", "-", None)
     br = load(folder, "branin")
@@ -77,9 +79,15 @@ def main() -> None:
     ds = load(folder, "datasets")
     if ds:
         for prob, res in ds.items():
-            afs = {k: v for k, v in res["bo"]["acceleration_factor"].items() if v is not None}
+            afs = {k: round(v, 2) for k, v in res["bo"]["acceleration_factor"].items() if v is not None}
             best = max(afs.values()) if afs else None
-            row(f"{prob}: acceleration factor > 1", f"{afs}", None if best is None else best > 1)
+            ef = res["bo"]["enhancement_factor"].get("at_50")
+            if best is None:
+                row(f"{prob}: acceleration factor > 1", f"no Top% level reached in the budget (EF at 50: "
+                    f"{fmt(ef)})", "undetermined at this budget")
+            else:
+                row(f"{prob}: acceleration factor > 1", f"AF by Top% level {afs}; EF at 50: {fmt(ef)}",
+                    best > 1)
     else:
         row("every shared dataset: acceleration factor > 1", "-", None)
     bf = load(folder, "branin_failing")

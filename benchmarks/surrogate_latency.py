@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/surrogate_latency.json")
     args = ap.parse_args()
     # the trainer's switch point decides the model: past it the ensemble, below it the exact GP
-    results = [measure(n, args.runs, switch_at=n + 1 if model == "gp" else n)
+    results = [measure(n, args.runs, switch_at=n + args.runs + 1 if model == "gp" else n)
                for n in args.points for model in args.models]
     meta = {"command": " ".join([".venv/bin/python", *sys.argv]), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
