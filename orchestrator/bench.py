@@ -145,20 +145,22 @@ def run_one(bp: BenchProblem, planner_name: str, seed: int, budget: int, batch: 
         if trainer is not None and h.state == "completed":
             trainer.add_result(len(history), h.parameters, h.outcomes)
 
-    for point in initial_design(bp, initial, seed):
-        observe(point)
     seconds = []
-    while len(history) < budget:
-        q = min(batch, budget - len(history))
-        if trainer is not None:
-            trainer.update()
-        t0 = time.perf_counter()
-        proposals = planner.ask(q, history, [])
-        seconds.append(time.perf_counter() - t0)
-        for p in proposals:
-            observe(p.parameters)
-    if tmp is not None:
-        tmp.cleanup()
+    try:
+        for point in initial_design(bp, initial, seed):
+            observe(point)
+        while len(history) < budget:
+            q = min(batch, budget - len(history))
+            if trainer is not None:
+                trainer.update()
+            t0 = time.perf_counter()
+            proposals = planner.ask(q, history, [])
+            seconds.append(time.perf_counter() - t0)
+            for p in proposals:
+                observe(p.parameters)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     return {"history": history, "truths": truths, "seconds": seconds}
 
 

@@ -412,9 +412,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     """Train a campaign's surrogates in this process (a GPU host can serve a lab PC): catch up
     from the ledger, then learn from the stream; versions go to the ledger and the stream."""
-    from orchestrator.learning import completed_results
+    from orchestrator.learning import feed_trainer
     from orchestrator.spec import CampaignSpec
-    from orchestrator.stream import Listener, Publisher, Subscriber, document_callback
+    from orchestrator.stream import Publisher, Subscriber
     from planners.surrogates import SurrogateTrainer
 
     settings = Settings()
@@ -440,10 +440,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
     trainer = SurrogateTrainer(spec.problem(), args.dir, switch_at=settings.surrogate_switch_at,
                                on_version=announce, device=args.device)
-    trainer.catch_up(completed_results(ledger, campaign.id))
-    listener = Listener(Subscriber(settings.stream_subscribe, topics=("doc",)),
-                        document_callback(trainer)).start()
-    trainer.start()
+    listener = feed_trainer(trainer, ledger, campaign.id, Subscriber(settings.stream_subscribe, topics=("doc",)))
     console.print(f"training surrogates of campaign {campaign.name} on {trainer.device} "
                   f"({trainer.n_results} results so far); Ctrl-C stops")
     try:

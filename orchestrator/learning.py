@@ -76,6 +76,15 @@ def completed_results(ledger: Ledger, campaign_id: int) -> list[tuple[int, dict[
             for t in ledger.trials(campaign_id, ("completed",)) if t.observation is not None]
 
 
+def feed_trainer(trainer: Any, ledger: Ledger, campaign_id: int, subscriber: Subscriber) -> Listener:
+    """Start ``trainer`` on a campaign: the results the ledger already holds first, then every
+    run's documents from ``subscriber`` (which takes the ``doc`` topic); returns the listener."""
+    trainer.catch_up(completed_results(ledger, campaign_id))
+    listener = Listener(subscriber, document_callback(trainer), name="labpilot-trainer-intake").start()
+    trainer.start()
+    return listener
+
+
 class LiveModels:
     """The newest surrogate model version for the planner (``latest()``), kept current from the
     stream; every version is recorded in the ledger and announced on the bus."""
@@ -98,12 +107,10 @@ class LiveModels:
 
     def start(self) -> LiveModels:
         if self.trainer is not None:
-            self.trainer.catch_up(completed_results(self.ledger, self.campaign_id))
             sub = self.stream.subscriber(("doc",))
             assert self.stream.publisher is not None
             sub.wait_linked(self.stream.publisher)
-            self.listener = Listener(sub, document_callback(self.trainer), name="labpilot-trainer-intake").start()
-            self.trainer.start()
+            self.listener = feed_trainer(self.trainer, self.ledger, self.campaign_id, sub)
         else:
             rows = self.ledger.model_versions(self.campaign_id)
             if rows:

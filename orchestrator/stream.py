@@ -76,10 +76,6 @@ def _encode_default(obj: Any) -> Any:
 _STAMP = struct.Struct(">QdB")
 
 
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
-
-
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 

@@ -53,13 +53,13 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
 from planners.baselines import _proposals, sobol_points
-from planners.surrogates import inflate, ood_score
+from planners.surrogates import inflate, ood_score, resolve_device
 from planners.surrogates.targets import TargetMap, tail_unwarp, tail_warp, warp_with
 
 
 def torch_device() -> torch.device:
     """``cuda`` when there is one, the CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device()
 
 
 class BayesianPlanner(Planner):

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from planners.base import Problem, finite
+from planners.surrogates.base import resolve_device
 from planners.surrogates.targets import TargetMap
 
 log = logging.getLogger("labpilot.surrogates")
@@ -128,8 +129,7 @@ class SurrogateTrainer:
         self.outcome_keys = outcome_keys or {k: k for k in problem.outcome_names}
         self.switch_at, self.min_points, self.refit_every = int(switch_at), int(min_points), int(refit_every)
         self.on_version = on_version
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = resolve_device(device)
         self.gp_options = gp_options or {}
         self.ensemble_options = ensemble_options or {}
 
