@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -412,9 +413,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     """Train a campaign's surrogates in this process (a GPU host can serve a lab PC): catch up
     from the ledger, then learn from the stream; versions go to the ledger and the stream."""
-    from orchestrator.learning import feed_trainer
+    from orchestrator.learning import feed_trainer, next_version_number
     from orchestrator.spec import CampaignSpec
-    from orchestrator.stream import Publisher, Subscriber
+    from orchestrator.stream import Publisher, StreamError, Subscriber
     from planners.surrogates import SurrogateTrainer
 
     settings = Settings()
@@ -439,16 +440,33 @@ def cmd_trainer(args: argparse.Namespace) -> int:
                       f"in {version.metrics.get('seconds', 0):.2f} s")
 
     trainer = SurrogateTrainer(spec.problem(), args.dir, switch_at=settings.surrogate_switch_at,
-                               on_version=announce, device=args.device)
-    listener = feed_trainer(trainer, ledger, campaign.id, Subscriber(settings.stream_subscribe, topics=("doc",)))
-    console.print(f"training surrogates of campaign {campaign.name} on {trainer.device} "
-                  f"({trainer.n_results} results so far); Ctrl-C stops")
+                               on_version=announce, device=args.device,
+                               first_number=next_version_number(ledger, campaign.id))
+    subscriber = Subscriber(settings.stream_subscribe, topics=("doc",))
     try:
-        while True:
-            time.sleep(1.0)
+        # Before the ledger is read: a result recorded after that read is only seen on the stream,
+        # and ZeroMQ drops what is published before a new subscription has reached the publisher.
+        subscriber.wait_linked(publisher)
+    except StreamError as exc:
+        subscriber.close()
+        publisher.close()
+        err_console.print(f"[bold red]error[/]: {exc}")
+        return EXIT_BAD_INPUT
+    listener = feed_trainer(trainer, ledger, campaign.id, subscriber)
+    stop = threading.Event()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # SIGTERM (a service manager, Popen.terminate) stops it as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        console.print(f"training surrogates of campaign {campaign.name} on {trainer.device} "
+                      f"({trainer.n_results} results so far); Ctrl-C stops")
+        while not stop.wait(1.0):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
+        if on_main_thread:  # None: the handler before was not set from Python
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         listener.stop()
         trainer.stop()
         publisher.close()

@@ -76,6 +76,11 @@ def completed_results(ledger: Ledger, campaign_id: int) -> list[tuple[int, dict[
             for t in ledger.trials(campaign_id, ("completed",)) if t.observation is not None]
 
 
+def next_version_number(ledger: Ledger, campaign_id: int) -> int:
+    """The number of the campaign's next model version: after every version its ledger holds."""
+    return max((v.number for v in ledger.model_versions(campaign_id)), default=0) + 1
+
+
 def feed_trainer(trainer: Any, ledger: Ledger, campaign_id: int, subscriber: Subscriber) -> Listener:
     """Start ``trainer`` on a campaign: the results the ledger already holds first, then every
     run's documents from ``subscriber`` (which takes the ``doc`` topic); returns the listener."""
@@ -102,7 +107,8 @@ class LiveModels:
             from planners.surrogates import SurrogateTrainer
 
             self.trainer = SurrogateTrainer(problem, directory, outcome_keys=outcome_keys, switch_at=switch_at,
-                                            on_version=self._announce)
+                                            on_version=self._announce,
+                                            first_number=next_version_number(self.ledger, self.campaign_id))
         self.listener: Listener | None = None
 
     def start(self) -> LiveModels:

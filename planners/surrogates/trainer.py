@@ -115,19 +115,27 @@ class SurrogateTrainer:
             since the last time (otherwise the GP is only conditioned on the new ones).
         on_version: called with each new :class:`ModelVersion` (on the worker thread).
         device: ``cuda`` when there is one, the CPU otherwise, unless given.
+        first_number: the number of the first version; a trainer that takes over a campaign goes
+            on after the versions its ledger holds (``orchestrator.learning.next_version_number``),
+            so that it never reuses a number, nor overwrites a checkpoint a proposal names.
     """
 
     def __init__(self, problem: Problem, directory: str | Path, outcome_keys: dict[str, str] | None = None,
                  switch_at: int = 1000, min_points: int = 3, refit_every: int = 1,
                  on_version: Callable[[ModelVersion], None] | None = None,
                  device: str | torch.device | None = None, gp_options: dict[str, Any] | None = None,
-                 ensemble_options: dict[str, Any] | None = None) -> None:
+                 ensemble_options: dict[str, Any] | None = None, first_number: int = 1) -> None:
         if switch_at < min_points:
             raise ValueError(f"switch_at ({switch_at}) must be at least min_points ({min_points})")
+        if int(first_number) < 1:
+            raise ValueError(f"first_number: version numbers start at 1, got {first_number}")
         self.problem = problem
-        self.directory = Path(directory) / "models"
+        # absolute: a version names its checkpoint to processes in other working directories (a
+        # campaign following a ``labpilot trainer`` process, a replay of a recorded proposal)
+        self.directory = Path(directory).absolute() / "models"
         self.outcome_keys = outcome_keys or {k: k for k in problem.outcome_names}
         self.switch_at, self.min_points, self.refit_every = int(switch_at), int(min_points), int(refit_every)
+        self.first_number = int(first_number)
         self.on_version = on_version
         self.device = resolve_device(device)
         self.gp_options = gp_options or {}
@@ -282,7 +290,7 @@ class SurrogateTrainer:
                 metrics = self._surrogate.update(X, Y)
                 how = "warm"
         self._trained_on = n
-        number = (self._latest.number if self._latest else 0) + 1
+        number = self._latest.number + 1 if self._latest else self.first_number
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"v{number:05d}.pt"
         self._surrogate.save(path)
