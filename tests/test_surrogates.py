@@ -334,6 +334,67 @@ def test_calibration_window_rolls_and_needs_enough_results():
     assert len(tracker) == 20
 
 
+def test_calibration_totals_cover_every_result_long_after_the_window_has_rolled():
+    n, sigma = 4000, 0.3
+    tracker = run_tracker(1.0, n, window=50, sigma=sigma)
+    totals = tracker.totals()
+    assert totals["results"] == n and len(tracker) == 50 and tracker.summary()["overall"]["count"] == 50
+    s = totals["overall"]
+    assert s["count"] == n
+    p68 = gaussian_coverage(Z68)
+    assert abs(s["coverage_95"] - 0.95) < 4 * math.sqrt(0.95 * 0.05 / n)
+    assert abs(s["coverage_68"] - p68) < 4 * math.sqrt(p68 * (1 - p68) / n)
+    analytic_nll = 0.5 * math.log(2 * math.pi * sigma**2) + 0.5
+    assert abs(s["nll"] - analytic_nll) < 4 * (math.sqrt(2) / 2) / math.sqrt(n)  # sd of 0.5 z^2 is 1/sqrt(2)
+    assert {name: o["count"] for name, o in totals["outcomes"].items()} == {"purity": n // 2, "yield": n // 2}
+    # the running sums are the window's own figures, had the window held the whole campaign
+    whole = run_tracker(1.0, n, window=n, sigma=sigma).summary()
+    for part, figures in [("overall", s), *((name, totals["outcomes"][name]) for name in ("purity", "yield"))]:
+        reference = whole["overall"] if part == "overall" else whole["outcomes"][part]
+        assert figures["count"] == reference["count"]
+        assert figures["coverage_68"] == reference["coverage_68"]
+        assert figures["coverage_95"] == reference["coverage_95"]
+        assert figures["nll"] == pytest.approx(reference["nll"], rel=1e-12)
+
+
+def test_calibration_totals_average_a_campaign_whose_model_became_overconfident():
+    # first half honest predictions, second half with the sd halved: the window sees only the
+    # second half, the totals the mean of both halves' figures
+    n, sigma = 4000, 0.3
+    g = torch.Generator().manual_seed(7)
+    errors = sigma * torch.randn(n, generator=g, **DOUBLE)
+    tracker = CalibrationTracker(window=200)
+    for i, e in enumerate(errors.tolist()):
+        tracker.record({"y": 0.0}, {"y": sigma if i < n // 2 else sigma / 2}, {"y": e})
+    s = tracker.totals()["overall"]
+    p95 = (0.95 + gaussian_coverage(Z95 / 2)) / 2  # 0.81
+    p68 = (gaussian_coverage(Z68) + gaussian_coverage(Z68 / 2)) / 2  # 0.53
+    # binomial sd of the mean of two halves, each at its own rate
+    tolerance = lambda p1, p2: 4 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / 2 / n)  # noqa: E731
+    assert abs(s["coverage_95"] - p95) < tolerance(0.95, gaussian_coverage(Z95 / 2))
+    assert abs(s["coverage_68"] - p68) < tolerance(gaussian_coverage(Z68), gaussian_coverage(Z68 / 2))
+    honest_nll = 0.5 * math.log(2 * math.pi * sigma**2) + 0.5
+    halved_nll = 0.5 * math.log(2 * math.pi * sigma**2 / 4) + 2.0
+    # sd of 0.5 z^2: 1/sqrt(2) honest, 2 sqrt(2) halved
+    assert abs(s["nll"] - (honest_nll + halved_nll) / 2) < 4 * math.sqrt((0.5 + 8) / 2 / n)
+    window = tracker.summary()["overall"]
+    assert abs(window["coverage_95"] - gaussian_coverage(Z95 / 2)) < 0.1 and tracker.under_covered()
+
+
+def test_calibration_totals_start_empty_and_skip_what_was_refused():
+    tracker = CalibrationTracker()
+    empty = {"count": 0, "coverage_68": None, "coverage_95": None, "nll": None}
+    assert tracker.totals() == {"results": 0, "overall": empty, "outcomes": {}}
+    with pytest.raises(ValueError, match=r"sd\['z'\]: must be a positive"):  # after y was scored
+        tracker.record({"y": 0.0, "z": 0.0}, {"y": 1.0, "z": 0.0}, {"y": 0.5, "z": 0.5})
+    assert tracker.totals() == {"results": 0, "overall": empty, "outcomes": {}}
+    tracker.record({"y": 0.0, "z": 0.0}, {"y": 1.0, "z": 1.0}, {"y": 1.5})  # z predicted, not observed
+    totals = tracker.totals()
+    assert totals["results"] == 1 and list(totals["outcomes"]) == ["y"]
+    assert totals["overall"] == {"count": 1, "coverage_68": 0.0, "coverage_95": 1.0,
+                                 "nll": pytest.approx(0.5 * math.log(2 * math.pi) + 0.5 * 1.5**2)}
+
+
 def test_binomial_bound_makes_a_calibrated_model_rarely_flagged():
     def cdf(k: int, n: int, p: float = 0.95) -> float:
         return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))

@@ -3,9 +3,9 @@
 :class:`CalibrationTracker` scores each prediction made *before* its result
 was trained on (the only honest test of a surrogate that learns as results
 stream in): coverage of the central 68 % and 95 % Gaussian intervals and the
-Gaussian negative log likelihood over a rolling window, a binomial test for
-under-coverage, and the factor by which the predictive standard deviations
-would have to grow to be calibrated.
+Gaussian negative log likelihood over a rolling window (and over the whole
+campaign), a binomial test for under-coverage, and the factor by which the
+predictive standard deviations would have to grow to be calibrated.
 
 :func:`inflate` applies such a factor to a BoTorch model: same posterior
 mean, covariance times ``factor**2``, so that acquisition functions explore
@@ -18,6 +18,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,13 +52,36 @@ def binomial_lower_bound(n: int, p: float = NOMINAL_95, alpha: float = 0.01) -> 
     return n
 
 
+@dataclass
+class _RunningScore:
+    """Running sums of scored values: what whole-campaign coverage and NLL need, in constant memory."""
+
+    count: int = 0
+    hits_68: int = 0
+    hits_95: int = 0
+    nll_sum: float = 0.0
+
+    def add(self, z: float, nll: float) -> None:
+        self.count += 1
+        self.hits_68 += abs(z) <= Z68
+        self.hits_95 += abs(z) <= Z95
+        self.nll_sum += nll
+
+    def figures(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"count": 0, "coverage_68": None, "coverage_95": None, "nll": None}
+        return {"count": self.count, "coverage_68": self.hits_68 / self.count,
+                "coverage_95": self.hits_95 / self.count, "nll": self.nll_sum / self.count}
+
+
 class CalibrationTracker:
     """Rolling calibration of Gaussian predictions ``N(mean, sd^2)`` against what was then observed.
 
     Record each result with the prediction the model made for it *before* it
     was trained on it. The window holds the last ``window`` results; each
     result may carry several outcomes, scored per outcome and pooled
-    ("overall").
+    ("overall"). :meth:`totals` gives the same figures over every result
+    recorded, from running sums.
 
     For a standardised residual ``z = (y - mean) / sd``: an interval covers
     when ``|z| <= 0.9945`` (68 %) or ``|z| <= 1.96`` (95 %); the Gaussian NLL
@@ -82,6 +106,10 @@ class CalibrationTracker:
         self.alpha = float(alpha)
         #: one dict per result: outcome -> (z, nll)
         self._results: deque[dict[str, tuple[float, float]]] = deque(maxlen=self.window)
+        #: every result recorded, the window's and those that left it
+        self._recorded = 0
+        self._overall_total = _RunningScore()
+        self._outcome_totals: dict[str, _RunningScore] = {}
 
     def __len__(self) -> int:
         """Results in the window."""
@@ -109,6 +137,10 @@ class CalibrationTracker:
             z = (y - mu) / s
             scored[name] = (z, 0.5 * math.log(2 * math.pi * s * s) + 0.5 * z * z)
         self._results.append(scored)
+        self._recorded += 1
+        for name, (z, nll) in scored.items():
+            self._overall_total.add(z, nll)
+            self._outcome_totals.setdefault(name, _RunningScore()).add(z, nll)
 
     def _scored(self, outcome: str | None) -> list[tuple[float, float]]:
         if outcome is None:
@@ -144,6 +176,18 @@ class CalibrationTracker:
         names = sorted({name for result in self._results for name in result})
         return {"results": len(self._results), "window": self.window, "overall": self._stats(None),
                 "outcomes": {name: self._stats(name) for name in names}}
+
+    def totals(self) -> dict[str, Any]:
+        """Figures over every result recorded so far, not only the window (a whole campaign's):
+        ``{"results", "overall": {...}, "outcomes": {name: {...}}}``.
+
+        Each ``{...}`` holds ``count``, ``coverage_68``, ``coverage_95`` and ``nll``, defined as in
+        :meth:`summary` (``None`` when empty). Kept as running sums, so memory does not grow with
+        the campaign. The under-coverage test and the inflation factor are the window's alone:
+        they say how the model does now, which is what the planner acts on.
+        """
+        outcomes = {name: self._outcome_totals[name].figures() for name in sorted(self._outcome_totals)}
+        return {"results": self._recorded, "overall": self._overall_total.figures(), "outcomes": outcomes}
 
     def under_covered(self, outcome: str | None = None) -> bool:
         """True when the 95 % intervals cover clearly less than 95 % (all outcomes pooled, or ``outcome``).
