@@ -45,11 +45,13 @@ from botorch.fit import fit_gpytorch_mll
 from botorch.models import ModelListGP, SingleTaskGP
 from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf, optimize_acqf_discrete, optimize_acqf_mixed
+from botorch.optim.initializers import sample_q_batches_from_polytope
 from botorch.sampling import SobolQMCNormalSampler
 from botorch.sampling.get_sampler import get_sampler
 from botorch.utils.multi_objective.hypervolume import infer_reference_point
 from botorch.utils.sampling import manual_seed
 from gpytorch.mlls import ExactMarginalLogLikelihood
+from torch.quasirandom import SobolEngine
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
 from planners.baselines import _proposals, sobol_points
@@ -216,16 +218,21 @@ class BayesianPlanner(Planner):
             raw_samples=self.raw_samples,
             inequality_constraints=move(ineq) or None,
             equality_constraints=move(eq) or None,
-            options={"batch_limit": 8, "maxiter": self.maxiter},
+            # raw samples scored 64 at a time (BoTorch would score them 8 at a time, batch_limit)
+            options={"batch_limit": 8, "init_batch_limit": 64, "maxiter": self.maxiter},
         )
+        starts = {}
+        if ineq or eq:
+            starts["generator"] = _FeasibleStarts(bounds, common["inequality_constraints"],
+                                                  common["equality_constraints"])
         combos = space.categorical_combinations
         if combos == [{}]:
-            X, _ = optimize_acqf(**common, sequential=self.sequential and q > 1)
+            X, _ = optimize_acqf(**common, sequential=self.sequential and q > 1, **starts)
             return X
         if len(combos) > self.max_categorical_combinations:
             rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
             combos = rng.sample(combos, self.max_categorical_combinations)
-        X, _ = optimize_acqf_mixed(fixed_features_list=combos, **common)
+        X, _ = optimize_acqf_mixed(fixed_features_list=combos, **common, ic_gen_kwargs=starts)
         return X
 
     def _optimize_pool(self, acqf, q: int, history, pending) -> tuple[torch.Tensor, list[int]]:
@@ -236,6 +243,44 @@ class BayesianPlanner(Planner):
         X, _ = optimize_acqf_discrete(acqf, q=q, choices=choices, max_batch_size=2048, unique=True)
         index = {tuple(row.tolist()): untried[i] for i, row in enumerate(choices)}
         return X, [index[tuple(row.tolist())] for row in X]
+
+
+class _FeasibleStarts:
+    """Raw samples for the acquisition optimiser's starting points that satisfy the linear constraints.
+
+    BoTorch draws them by hit-and-run with 10,000 burn-in steps and a thinning of 32, a Python
+    loop that took 1.7 s of a 2.7 s proposal on Hartmann6 with one linear constraint. Inequality
+    constraints alone: scrambled Sobol points with the infeasible ones dropped (space-filling, and
+    microseconds), as long as at least 1 in 64 is feasible. Otherwise (equality constraints, or a
+    thin feasible region): hit-and-run from BoTorch with 1,000 burn-in steps and a thinning of 8,
+    plenty to mix in the few dimensions a lab varies. Called as ``generator(n, q, seed)`` by
+    BoTorch's ``gen_batch_initial_conditions``; returns ``n x q x d`` points.
+    """
+
+    def __init__(self, bounds: torch.Tensor, inequality: list | None, equality: list | None) -> None:
+        self.bounds = bounds
+        self.inequality = inequality or []
+        self.equality = equality or []
+
+    def feasible(self, X: torch.Tensor) -> torch.Tensor:
+        ok = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
+        for idx, coef, rhs in self.inequality:
+            ok &= (X[:, idx] * coef).sum(-1) >= rhs - 1e-9
+        return ok
+
+    def __call__(self, n: int, q: int, seed: int | None) -> torch.Tensor:
+        d = self.bounds.shape[-1]
+        if not self.equality:
+            engine = SobolEngine(d, scramble=True, seed=seed)
+            want, kept = n * q, []
+            for _ in range(6):  # 2, 4, ... up to 64 draws per point needed
+                draw = engine.draw(max(2 * want, 64), dtype=self.bounds.dtype).to(self.bounds.device)
+                kept.append(draw[self.feasible(draw)])
+                if sum(len(k) for k in kept) >= want:
+                    return torch.cat(kept)[:want].view(n, q, d).cpu()
+        return sample_q_batches_from_polytope(n=n, q=q, bounds=self.bounds, n_burnin=1000, n_thinning=8, seed=seed,
+                                              inequality_constraints=self.inequality or None,
+                                              equality_constraints=self.equality or None)
 
 
 class _ModelSetup:

@@ -241,6 +241,32 @@ def test_encoded_constraints_agree_with_the_constraints_on_parameters():
         assert CONSTRAINED.is_feasible(point) is feasible
 
 
+@pytest.mark.parametrize("with_equality", [False, True])
+def test_bo_starting_points_satisfy_the_linear_constraints(with_equality):
+    # Inequalities alone: Sobol points with the infeasible ones dropped; with an equality, the
+    # hit-and-run fallback. Either way every raw sample the optimiser starts from is feasible.
+    from planners.bo import _FeasibleStarts
+
+    ineq, eq = CONSTRAINED.linear_constraints_encoded()
+    d = CONSTRAINED.dim
+    bounds = torch.stack([torch.zeros(d), torch.ones(d)]).double()
+    starts = _FeasibleStarts(bounds, ineq, eq if with_equality else None)
+
+    X = starts(32, 2, seed=5)
+
+    assert X.shape == (32, 2, d)
+    flat = X.reshape(-1, d).double()
+    assert bool(((flat >= 0) & (flat <= 1)).all())
+    for idx, coef, rhs in ineq:
+        assert float(((flat[:, idx] * coef).sum(-1) - rhs).min()) >= -1e-6
+    if with_equality:
+        for idx, coef, rhs in eq:
+            assert float(((flat[:, idx] * coef).sum(-1) - rhs).abs().max()) <= 1e-6
+    else:  # space-filling and different from point to point, not one point repeated
+        assert len({tuple(row.tolist()) for row in flat}) == len(flat)
+    assert torch.equal(starts(32, 2, seed=5), X)  # seeded
+
+
 def test_validate_point_names_what_is_wrong():
     with pytest.raises(ValueError, match=r"temp=90.0 is outside \[20.0, 80.0\]"):
         MIXED.validate_point({"temp": 90.0, "conc": 0.1, "n": 2, "solvent": "water"})
