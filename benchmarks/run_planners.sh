@@ -9,9 +9,13 @@ cd "$(dirname "$0")/.."
 LP=".venv/bin/python -m orchestrator.cli"
 D=../shared/datasets
 O=benchmarks/planners
+# bo: the planner as a campaign file gets it (its own GP, refitted warm on every ask); bo-cold: the GP
+# fitted from scratch on every ask (warm_start: false); bo-trainer: bo on the surrogate trainer's
+# versions, the path of `labpilot run` (trained after every result, off the proposal's clock)
+VARIANTS='{"bo-cold": {"planner": "bo", "warm_start": false}, "bo-trainer": {"planner": "bo", "surrogate_trainer": true}}'
 laneA() {  # bo against Ax's default on Hartmann6; Branin; failures with and without the feasibility model
-  $LP bench --problems hartmann6 --planners bo,ax,random,sobol --seeds 10 --budget 35 --initial 5 --out $O/hartmann6.json --quiet
-  $LP bench --problems branin --planners bo,random,sobol --seeds 10 --budget 30 --initial 5 --out $O/branin.json --quiet
+  $LP bench --problems hartmann6 --planners bo,bo-trainer,ax,random,sobol --seeds 10 --budget 35 --initial 5 --options "$VARIANTS" --out $O/hartmann6.json --quiet
+  $LP bench --problems branin --planners bo,bo-cold,bo-trainer,random,sobol --seeds 10 --budget 30 --initial 5 --options "$VARIANTS" --out $O/branin.json --quiet
   $LP bench --problems branin_failing --planners bo,bo-plain,random --seeds 10 --budget 30 --initial 5 --options '{"bo-plain": {"planner": "bo", "feasibility_model": false}}' --out $O/branin_failing.json --quiet
 }
 laneB() {  # two noisy objectives in batches of 4; the crossed-barrel pool
@@ -26,9 +30,9 @@ laneD() {  # every other dataset in ../shared/datasets
   $LP bench --problems $D/suzuki $D/hplc $D/snar $D/alkox $D/photo_pce10 $D/buchwald_a $D/p3ht $D/agnp $D/autoam --planners bo,random --seeds 5 --budget 50 --initial 5 --out $O/datasets.json --quiet
 }
 timing() {  # alone: proposal time near 35 observations, one point, a batch of 4, and a linear constraint
-  $LP bench --problems hartmann6 --planners bo,ax --seeds 3 --budget 35 --initial 30 --out $O/time_q1.json --quiet
-  $LP bench --problems hartmann6 --planners bo,ax --seeds 3 --budget 39 --batch 4 --initial 23 --out $O/time_q4.json --quiet
-  $LP bench --problems hartmann6-constrained --planners bo,ax --seeds 3 --budget 35 --initial 30 --out $O/time_lincon.json --quiet
+  $LP bench --problems hartmann6 --planners bo,ax --seeds 5 --budget 35 --initial 30 --out $O/time_q1.json --quiet
+  $LP bench --problems hartmann6 --planners bo,ax --seeds 5 --budget 39 --batch 4 --initial 23 --out $O/time_q4.json --quiet
+  $LP bench --problems hartmann6-constrained --planners bo,ax --seeds 5 --budget 35 --initial 30 --out $O/time_lincon.json --quiet
 }
 # Two lanes share the 2 cores: one torch thread each (two threads each oversubscribe the cores and
 # slow both several-fold). The timing runs, alone, keep torch's default.
