@@ -6,8 +6,12 @@ Usage: .venv/bin/python benchmarks/summarize.py benchmarks/planners
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.bench import parse_problem  # noqa: E402
 
 
 def load(folder: Path, name: str) -> dict | None:
@@ -27,6 +31,15 @@ def main() -> None:
         verdict = {True: "met", False: "NOT met", None: "not run"}.get(met, met)
         rows.append(f"| {target} | {measured} | {verdict} |")
 
+    def variants(res: dict, label: str) -> None:
+        """bo's other configurations in the same run, for information."""
+        for name, what in (("bo-cold", "GP fitted from scratch on every ask"),
+                           ("bo-trainer", "on the surrogate trainer's versions, as in a campaign")):
+            if name in res:
+                m = res[name]
+                row(f"{label}: {name} ({what})", f"regret {fmt(m['simple_regret']['median'])}, "
+                    f"{fmt(m['proposal_seconds']['median'], 3)} s per proposal", "information")
+
     h6 = load(folder, "hartmann6")
     if h6:
         bo, ax = h6["hartmann6"]["bo"], h6["hartmann6"].get("ax")
@@ -42,12 +55,30 @@ def main() -> None:
                 "information (the timing target is read from the timing runs)")
     else:
         row("Hartmann6 targets", "-", None)
+        variants(h6["hartmann6"], "Hartmann6")
     br = load(folder, "branin")
     if br:
         r = br["branin"]["bo"]["simple_regret"]["median"]
         row("Branin, 30 trials: bo regret <= 0.01", fmt(r), r <= 0.01)
+        variants(br["branin"], "Branin")
     else:
         row("Branin, 30 trials: bo regret <= 0.01", "-", None)
+    for name, prob in (("rl_branin", "branin"), ("rl_hartmann6", "hartmann6")):
+        rl, base = load(folder, name), load(folder, prob)
+        if not (rl and base):
+            row(f"{prob}: rl beats random and Sobol", "-", None)
+            continue
+        r_rl = rl[prob]["rl"]["simple_regret"]["median"]
+        optimum = next(iter(parse_problem(prob).sim.optimum.values()))
+        regrets = {k: [abs(t[-1] - optimum) for t in v["best_so_far"]] for k, v in base[prob].items()
+                   if k in ("random", "sobol", "bo")}
+        mine = [abs(t[-1] - optimum) for t in rl[prob]["rl"]["best_so_far"]]
+        n = len(mine)  # rl ran on the first n of the paired seeds
+        wins = {k: sum(a < b for a, b in zip(mine, regrets[k][:n], strict=True)) for k in ("random", "sobol")}
+        row(f"{prob}: rl beats random and Sobol (median regret on the same {n} paired seeds)",
+            f"rl {fmt(r_rl)}; " + ", ".join(f"{k} {fmt(statistics.median(v[:n]))}" for k, v in regrets.items())
+            + f"; rl better on {wins['random']}/{n} seeds than random, {wins['sobol']}/{n} than Sobol",
+            all(r_rl < statistics.median(regrets[k][:n]) for k in ("random", "sobol")))
     bc = load(folder, "branincurrin_noisy")
     if bc:
         hv = bc["branincurrin-noisy"]["bo"]["hypervolume"]["median"]
