@@ -229,6 +229,13 @@ def test_a_version_whose_intervals_proved_too_narrow_makes_the_planner_widen_the
     assert float(same.abs()) < 1e-9
     planner.surrogate_source = FixedModels(replace(version, inflation=3.0))
     assert planner.ask(1, history, [])[0].model_version == f"{version.label}x3"
+    # and a planner told not to widen keeps the version's own intervals
+    steady = make_planner("bo", PROBLEM, seed=1, options={"initial_trials": 4, "widen_when_under_covered": False})
+    kept = _ModelSetup(steady, completed, [], replace(version, inflation=3.0))
+    with torch.no_grad():
+        assert float(kept.model.posterior(X).variance / plain.model.posterior(X).variance) == pytest.approx(1.0)
+    steady.surrogate_source = FixedModels(replace(version, inflation=3.0))
+    assert steady.ask(1, history, [])[0].model_version == version.label
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # every device this machine has
