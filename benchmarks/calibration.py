@@ -89,9 +89,10 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--out", default="benchmarks/calibration.json")
     args = ap.parse_args()
-    runs = [campaign(args.problem, args.noise, args.trials, s) for s in range(args.seeds)]
+    runs = [campaign(args.problem, args.noise, args.trials, s) for s in range(args.first_seed, args.first_seed + args.seeds)]
     meta = {"command": " ".join([".venv/bin/python", *sys.argv]), "cpus": os.cpu_count(),
             "python": platform.python_version()}
     med = statistics.median(r["coverage_95"] for r in runs)
