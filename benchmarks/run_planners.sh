@@ -31,7 +31,7 @@ laneC() {  # the RL planner, on the first 5 of the paired seeds (same initial de
   $LP bench --problems hartmann6 --planners rl --seeds 5 --budget 35 --initial 5 --out $O/rl_hartmann6.json --quiet
 }
 laneD() {  # every other dataset in ../shared/datasets
-  $LP bench --problems $D/suzuki $D/hplc $D/snar $D/alkox $D/photo_pce10 $D/buchwald_a $D/p3ht $D/agnp $D/autoam --planners bo,random --seeds 5 --budget 50 --initial 5 --out $O/datasets.json --quiet
+  $LP bench --problems $D/suzuki $D/hplc $D/snar $D/alkox $D/photo_pce10 $D/buchwald_a $D/p3ht $D/agnp $D/autoam --planners bo,random --seeds 10 --budget 50 --initial 5 --out $O/datasets.json --quiet
 }
 timing() {  # alone: proposal time near 35 observations, one point, a batch of 4, and a linear constraint
   $LP bench --problems hartmann6 --planners bo,ax --seeds 5 --budget 35 --initial 30 --out $O/time_q1.json --quiet
