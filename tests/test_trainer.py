@@ -218,24 +218,26 @@ def test_bo_proposes_from_the_newest_trained_version_and_says_which(tmp_path, ki
 def test_a_version_whose_intervals_proved_too_narrow_makes_the_planner_widen_them(tmp_path):
     version, history = _trained(tmp_path, 8)
     X = PROBLEM.space.encode([{"x1": 1.0, "x2": 1.0}]).double()
-    planner = make_planner("bo", PROBLEM, seed=1, options={"initial_trials": 4})
-    completed = planner.completed(history)
-    plain = _ModelSetup(planner, completed, [], version)
-    wide = _ModelSetup(planner, completed, [], replace(version, inflation=3.0))
-    with torch.no_grad():
-        ratio = wide.model.posterior(X).variance / plain.model.posterior(X).variance
-        same = wide.model.posterior(X).mean - plain.model.posterior(X).mean
-    assert float(ratio) == pytest.approx(9.0, rel=1e-6)
-    assert float(same.abs()) < 1e-9
-    planner.surrogate_source = FixedModels(replace(version, inflation=3.0))
-    assert planner.ask(1, history, [])[0].model_version == f"{version.label}x3"
-    # and a planner told not to widen keeps the version's own intervals
-    steady = make_planner("bo", PROBLEM, seed=1, options={"initial_trials": 4, "widen_when_under_covered": False})
-    kept = _ModelSetup(steady, completed, [], replace(version, inflation=3.0))
-    with torch.no_grad():
-        assert float(kept.model.posterior(X).variance / plain.model.posterior(X).variance) == pytest.approx(1.0)
-    steady.surrogate_source = FixedModels(replace(version, inflation=3.0))
-    assert steady.ask(1, history, [])[0].model_version == version.label
+
+    def setup(inflation: float, **options):
+        planner = make_planner("bo", PROBLEM, seed=1, options={"initial_trials": 4, **options})
+        completed = planner.completed(history)
+        s = _ModelSetup(planner, completed, [], replace(version, inflation=inflation))
+        with torch.no_grad():
+            post = s.model.posterior(X)
+        return planner, float(post.mean), float(post.variance)
+
+    _, mean, var = setup(1.0)
+    for inflation, options, factor in ((1.2, {}, 1.2),                      # widened by the measured factor
+                                       (3.0, {}, 1.5),                      # ... up to max_widening (1.5)
+                                       (3.0, {"max_widening": 4.0}, 3.0),
+                                       (3.0, {"max_widening": 1.0}, 1.0)):  # 1: never widened
+        planner, m, v = setup(inflation, **options)
+        assert v / var == pytest.approx(factor**2, rel=1e-6), (inflation, options)
+        assert abs(m - mean) < 1e-9
+        planner.surrogate_source = FixedModels(replace(version, inflation=inflation))
+        label = planner.ask(1, history, [])[0].model_version
+        assert label == (version.label if factor == 1 else f"{version.label}x{factor:.2g}")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # every device this machine has
