@@ -142,7 +142,7 @@ class BayesianPlanner(Planner):
         self._own_gp: ExactGP | None = None
         self.tkwargs: dict[str, Any] = {"device": torch_device(), "dtype": torch.double}
         #: where the newest trained surrogate comes from (``latest() -> ModelVersion | None``),
-        #: set by the orchestrator; ``None``: this planner fits its own GP on every ask
+        #: set by the orchestrator; ``None``: this planner fits its own GP (warm, see ``warm_start``)
         self.surrogate_source: Any = None
 
     accepts_surrogates = True
