@@ -91,6 +91,31 @@ def test_exact_gp_update_starts_from_the_current_hyperparameters():
     assert (gp.model.covar_module.lengthscale.detach().log() - fitted.log()).abs().max() < 0.1
 
 
+def test_exact_gp_restart_leaves_a_poor_warm_optimum_for_a_better_fresh_fit():
+    # Hyperparameters fitted on a smooth function, then data of a wiggly one: one warm L-BFGS
+    # iteration cannot leave the long lengthscales; the fresh fit beside it (restart_every=1) can.
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(40, 2, generator=g, **DOUBLE)
+    smooth = X.sum(-1, keepdim=True)
+    wiggly = torch.sin(9 * X[:, :1])
+    warm_only, restarting = ExactGP(device="cpu", update_maxiter=1), ExactGP(device="cpu", update_maxiter=1,
+                                                                          restart_every=1)
+    for gp in (warm_only, restarting):
+        gp.fit(X, smooth)
+
+    stuck, moved = warm_only.update(X, wiggly), restarting.update(X, wiggly)
+
+    assert not stuck.get("restarted") and moved["restarted"]
+    assert moved["mll"] > stuck["mll"] + 0.1
+    Xt = torch.rand(200, 2, generator=g, **DOUBLE)
+    truth = torch.sin(9 * Xt[:, :1])
+    rmse = {name: float((gp.predict(Xt)[0] - truth).pow(2).mean().sqrt())
+            for name, gp in (("stuck", warm_only), ("restarted", restarting))}
+    assert rmse["restarted"] < 0.8 * rmse["stuck"], rmse
+    # the option survives a checkpoint
+    assert ExactGP.from_state_dict(restarting.state_dict()).restart_every == 1
+
+
 @pytest.mark.parametrize("refit", [True, False])
 def test_exact_gp_update_learns_the_new_point(refit):
     X, Y = data(30)

@@ -317,7 +317,9 @@ class SurrogateTrainer:
         from planners.surrogates import DeepEnsemble, ExactGP
 
         if kind == "gp":
-            return ExactGP(device=self.device, **self.gp_options)
+            # a fresh fit beside every 10th warm refit, the better kept: a warm-only chain can
+            # settle in a poor optimum for good (ExactGP ``restart_every``)
+            return ExactGP(device=self.device, **{"restart_every": 10, **self.gp_options})
         return DeepEnsemble(device=self.device, **self.ensemble_options)
 
     # ---- reading ----------------------------------------------------------------
