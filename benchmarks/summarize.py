@@ -63,6 +63,13 @@ def main() -> None:
         variants(br["branin"], "Branin")
     else:
         row("Branin, 30 trials: bo regret <= 0.01", "-", None)
+    for name in ("campaign_path_branin", "campaign_path_hartmann6"):
+        cp = load(folder, name)  # bo on the trainer's versions, on later code than lane A's rows
+        for prob, res in (cp or {}).items():
+            m = res["bo-trainer"]
+            row(f"{prob}: the campaign path (bo on the trainer's versions, {name}.json)",
+                f"regret {fmt(m['simple_regret']['median'])}, {fmt(m['proposal_seconds']['median'], 3)} s per proposal",
+                "information")
     for name, prob in (("rl_branin", "branin"), ("rl_hartmann6", "hartmann6")):
         rl, base = load(folder, name), load(folder, prob)
         if not (rl and base):
