@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 LP=".venv/bin/python -m orchestrator.cli"
 D=../shared/datasets
 O=benchmarks/planners
-# bo: the planner as a campaign file gets it (its own GP, refitted warm on every ask); bo-cold: the GP
+# bo: the planner as `labpilot bench` (and a campaign with LABPILOT_TRAINER=off) runs it: its own GP, refitted warm on every ask; bo-cold: the GP
 # fitted from scratch on every ask (warm_start: false); bo-trainer: bo on the surrogate trainer's
 # versions, the path of `labpilot run` (trained after every result, off the proposal's clock)
 VARIANTS='{"bo-cold": {"planner": "bo", "warm_start": false}, "bo-trainer": {"planner": "bo", "surrogate_trainer": true}}'
