@@ -130,7 +130,9 @@ class ExactGP:
             keep whichever reaches the higher marginal likelihood (0: never). A warm chain can
             stay in a poor optimum of the likelihood for good: in a 200-trial campaign on
             noisy Hartmann6 the warm-only chain drifted into one whose predictions missed by
-            five standard deviations.
+            five standard deviations. Off by default: over 10 such campaigns restarts every
+            10 refits lowered the median 95 % coverage (0.910 to 0.877), the likelihood's best
+            hyperparameters being more confident than the warm chain's.
         device: ``cuda``/``cpu``; ``None`` picks ``cuda`` when there is one.
         max_cholesky_size: train sizes up to this use the exact Cholesky path.
 
