@@ -322,12 +322,12 @@ class _ModelSetup:
             main, self.targets = trained.surrogate.model, trained.targets
         # BoTorch's cached root decomposition works only on a plain GPyTorch posterior
         self.ensemble = trained is not None and trained.kind != "gp"
-        widen = trained is not None and min(trained.inflation, planner.max_widening) > 1
-        self.cache_root = (trained is None or trained.kind == "gp") and not widen
-        if widen:
-            # the recent results fell outside the model's intervals too often: widen them, so the
-            # acquisition values uncertainty more (explores more) until calibration recovers
+        if trained is not None:
+            # the recent results fell outside the model's intervals too often (inflation > 1): widen
+            # them, so the acquisition values uncertainty more (explores more) until calibration recovers
             self.inflation = min(float(trained.inflation), planner.max_widening)
+        self.cache_root = (trained is None or trained.kind == "gp") and self.inflation == 1
+        if self.inflation > 1:
             main = inflate(main, self.inflation)
         self.n_main = Y.shape[-1]
         self.feasibility = None

@@ -235,18 +235,19 @@ class ExactGP:
                                             options={"ftol": self.update_ftol})
             except ModelFittingError:
                 failed = True  # the fit rolled back: the current hyperparameters stand
-        restarted = False
+        restarted, value = False, None
         self._refits += 1
         if self.restart_every and self._refits % self.restart_every == 0:
             cold = self._build(X, Y)
+            value = self._mll(model)
             try:
                 self._optimise(cold, self.fit_maxiter, max_attempts=1, options={})
-                restarted = self._mll(cold) > self._mll(model)
+                cold_value = self._mll(cold)
+                if cold_value > value:
+                    model, value, restarted = cold, cold_value, True
             except ModelFittingError:
                 pass  # the warm model stands
-            if restarted:
-                model = cold
-        return self._finish(model, X, Y, t0, iterations=iterations, refit=True, refit_failed=failed,
+        return self._finish(model, X, Y, t0, mll=value, iterations=iterations, refit=True, refit_failed=failed,
                             restarted=restarted)
 
     def predict(self, X: torch.Tensor, observation_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,9 +372,9 @@ class ExactGP:
         return float(value.mean())
 
     def _finish(self, model: SingleTaskGP, X: torch.Tensor, Y: torch.Tensor, t0: float,
-                **metrics: Any) -> dict[str, Any]:
-        """Install ``model`` and report its metrics."""
-        value = self._mll(model)
+                mll: float | None = None, **metrics: Any) -> dict[str, Any]:
+        """Install ``model`` and report its metrics (``mll``: its :meth:`_mll`, when already known)."""
+        value = self._mll(model) if mll is None else mll
         self._model = model
         self._X = X.to(self.device, torch.double)
         self._Y = Y.to(self.device, torch.double)
