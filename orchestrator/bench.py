@@ -146,6 +146,7 @@ def run_one(bp: BenchProblem, planner_name: str, seed: int, budget: int, batch: 
             trainer.add_result(len(history), h.parameters, h.outcomes)
 
     seconds = []
+    state = None  # what the planner carries from one ask to the next, as a campaign's ledger does
     try:
         for point in initial_design(bp, initial, seed):
             observe(point)
@@ -154,8 +155,9 @@ def run_one(bp: BenchProblem, planner_name: str, seed: int, budget: int, batch: 
             if trainer is not None:
                 trainer.update()
             t0 = time.perf_counter()
-            proposals = planner.ask(q, history, [])
+            proposals = planner.ask(q, history, [], state=state)
             seconds.append(time.perf_counter() - t0)
+            state = next((p.model_state for p in proposals if p.model_state is not None), state)
             for p in proposals:
                 observe(p.parameters)
     finally:

@@ -100,9 +100,10 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int) -> tuple[Any, list[
 
 
 @task(name="propose", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def propose(planner: Planner, n: int, history: list, pending: list[dict[str, Any]]) -> list[Proposal]:
+def propose(planner: Planner, n: int, history: list, pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
     """Ask the planner for ``n`` proposals (retried: a numerical hiccup should not end a night's run)."""
-    return planner.ask(n, history, pending)
+    return planner.ask(n, history, pending, state=state)
 
 
 @task(name="run-trial", cache_policy=NO_CACHE, retries=0)
@@ -151,7 +152,8 @@ class CampaignRuntime:
         self.models: LiveModels | None = None
         if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False):
             self.models = LiveModels(self.stream, self.problem, self.output_dir, settings.trainer,
-                                     switch_at=settings.surrogate_switch_at).start()
+                                     switch_at=settings.surrogate_switch_at,
+                                     wait_seconds=settings.trainer_wait).start()
             self.planner.surrogate_source = self.models
         self.observer = observer or CampaignObserver()
         self.timings: dict[str, list[float]] = {"propose": [], "instrument": [], "overhead": []}
@@ -229,6 +231,7 @@ class _Dispatcher:
         self.done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
         self.free = list(runtime.runners)
         self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
+        self.numbers: dict[int, int] = {}  # trial id -> trial number, of those in flight
         self.consecutive_failures = 0
         self.consecutive_vetoes = 0
         # Trials a crashed run had proposed or approved but never started.
@@ -241,6 +244,7 @@ class _Dispatcher:
                                instrument=runner.instrument.name)
         self.rt.observer.trial_changed(self.rt, trial.number, "running", runner.instrument.name)
         self.in_flight[trial_id] = trial.parameters
+        self.numbers[trial_id] = trial.number
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
               "parameters": trial.parameters, "outcome_keys": runner.instrument.data_keys}
@@ -271,13 +275,20 @@ class _Dispatcher:
                 room -= 1
         n = min(len(self.free), room)
         if n > 0:
-            history = self.ledger.history(self.cid)
+            # The planner gets the ledger's history, the running trials and the model state of the
+            # latest proposal, nothing else, and the proposal records which: a decision replays
+            # exactly from the ledger (orchestrator.replay).
+            numbered = self.ledger.numbered_history(self.cid)
+            state_from, state = self.ledger.latest_model_state(self.cid)
+            inputs = {"history": [k for k, _ in numbered], "pending": [self.numbers[t] for t in self.in_flight],
+                      "state_from": state_from, "n": n, "trainer": self.rt.models is not None}
             t0 = time.perf_counter()
-            proposals = propose(self.rt.planner, n, history, list(self.in_flight.values()))
+            proposals = propose(self.rt.planner, n, [h for _, h in numbered], list(self.in_flight.values()),
+                                state)
             planner_seconds = time.perf_counter() - t0
             self.rt.timings["propose"].append(planner_seconds)
-            for p in proposals:
-                tid = self.ledger.propose(self.cid, p)
+            for i, p in enumerate(proposals):
+                tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i})
                 if self.gate(tid, "passed the safety envelope (approval policy: auto)"):
                     self.consecutive_vetoes = 0
                     self.submit(self.free.pop(0), tid)
@@ -295,6 +306,7 @@ class _Dispatcher:
             outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
         self.free.append(runner)
         self.in_flight.pop(trial_id, None)
+        self.numbers.pop(trial_id, None)
         self.rt.timings["instrument"].append(outcome.seconds)
         number = self.ledger.trial(trial_id).number
         if outcome.state == "completed":

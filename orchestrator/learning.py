@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,8 @@ class LiveModels:
     stream; every version is recorded in the ledger and announced on the bus."""
 
     def __init__(self, stream: CampaignStream, problem: Any, directory: str | Path, mode: str = "inprocess",
-                 outcome_keys: dict[str, str] | None = None, switch_at: int = 1000) -> None:
+                 outcome_keys: dict[str, str] | None = None, switch_at: int = 1000,
+                 wait_seconds: float = 30.0) -> None:
         if mode not in ("inprocess", "external"):
             raise ValueError(f"trainer mode {mode!r}: use 'inprocess', 'external' or 'off'")
         self.stream, self.mode = stream, mode
@@ -103,6 +105,11 @@ class LiveModels:
         self.trainer = None
         self._latest = None
         self._lock = threading.Lock()
+        #: how long ``latest(results=n)`` waits for a version trained on ``n`` results
+        self.wait_seconds = float(wait_seconds)
+        #: asks that went ahead on an older version because the trainer was late (the
+        #: campaign's decisions then depend on its timing; the proposal records what it used)
+        self.late = 0
         if mode == "inprocess":
             from planners.surrogates import SurrogateTrainer
 
@@ -147,7 +154,28 @@ class LiveModels:
             if self._latest is None or version.number > self._latest.number:
                 self._latest = version
 
-    def latest(self) -> Any:
+    def latest(self, results: int | None = None) -> Any:
+        """The newest version. With ``results`` (the completed results the planner holds), first
+        wait up to ``wait_seconds`` for a version trained on all of them: a live trainer's speed
+        must not change what a campaign decides, so two runs with the same seed and instruments
+        make the same decisions (when the trainer is later than that, the ask goes ahead on the
+        version there is, which the proposal records, and :attr:`late` counts it)."""
+        min_points = self.trainer.min_points if self.trainer is not None else 3
+        if results is None or results < min_points or self.wait_seconds <= 0:
+            return self._newest()
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            version = self._newest()
+            if version is not None and version.n_points >= results:
+                return version
+            if time.monotonic() >= deadline or (self.trainer is not None and self.trainer.errors):
+                self.late += 1
+                log.warning("the surrogate trainer has no version on %d results after %.0f s; proposing "
+                            "from %s", results, self.wait_seconds, getattr(version, "label", "no version"))
+                return version
+            time.sleep(0.005)
+
+    def _newest(self) -> Any:
         if self.trainer is not None:
             return self.trainer.latest()
         with self._lock:
@@ -166,7 +194,7 @@ class FixedModels:
     def __init__(self, version: Any) -> None:
         self.version = version
 
-    def latest(self) -> Any:
+    def latest(self, results: int | None = None) -> Any:
         return self.version
 
 

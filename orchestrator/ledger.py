@@ -140,6 +140,12 @@ class ProposalRow(Base):
     model_unseen: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: distance from the data the model has seen (1 ~ the typical spacing of that data)
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: what the planner's next ask starts from (``Proposal.model_state``: e.g. GP hyperparameters)
+    model_state: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    #: what the planner was given: ``history`` and ``pending`` (trial numbers, in the order
+    #: passed), ``state_from`` (the trial whose model_state it started from), ``n`` asked for
+    #: and this proposal's ``index`` among them; enough to replay the decision exactly
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     trial: Mapped[TrialRow] = relationship(back_populates="proposal")
 
@@ -164,7 +170,8 @@ class ModelVersionRow(Base):
 
 
 # Columns added after a ledger format was first released: (table, column, SQL type).
-_ADDED_COLUMNS = (("proposals", "model_unseen", "INTEGER"), ("proposals", "ood_score", "FLOAT"))
+_ADDED_COLUMNS = (("proposals", "model_unseen", "INTEGER"), ("proposals", "ood_score", "FLOAT"),
+                  ("proposals", "model_state", "JSON"), ("proposals", "inputs", "JSON"))
 
 
 def sqlite_url(directory: str | Path) -> str:
@@ -256,8 +263,9 @@ class Ledger:
             row.status, row.stop_reason, row.finished_at = status, reason, utcnow()
 
     # ---- trials -------------------------------------------------------------
-    def propose(self, campaign_id: int, proposal: Proposal) -> int:
-        """Record a new trial in state ``proposed`` with the planner's decision; return its id."""
+    def propose(self, campaign_id: int, proposal: Proposal, inputs: dict[str, Any] | None = None) -> int:
+        """Record a new trial in state ``proposed`` with the planner's decision (and ``inputs``,
+        what the planner was given: see :attr:`ProposalRow.inputs`); return its id."""
         with self._write() as s:
             number = (s.scalar(select(TrialRow.number).where(TrialRow.campaign_id == campaign_id)
                                .order_by(TrialRow.number.desc()).limit(1)) or 0) + 1
@@ -272,6 +280,7 @@ class Ledger:
                 predicted_mean=_jsonable(proposal.predicted_mean),
                 predicted_sd=_jsonable(proposal.predicted_sd),
                 acquisition_value=_finite_or_none(proposal.acquisition_value),
+                model_state=proposal.model_state, inputs=inputs,
             ))
             s.add(TrialEventRow(trial_id=trial.id, from_state=None, to_state="proposed",
                                 actor="planner", reason=f"proposed by {proposal.planner}"))
@@ -375,9 +384,23 @@ class Ledger:
             _ = row.observation, row.proposal, row.events
             return row
 
+    def latest_model_state(self, campaign_id: int) -> tuple[int | None, dict[str, Any] | None]:
+        """``(trial number, model_state)`` of the campaign's newest proposal that carries a model
+        state (what the planner's next ask starts from), or ``(None, None)``."""
+        with self._sessions() as s:
+            row = s.execute(
+                select(TrialRow.number, ProposalRow.model_state).join(ProposalRow, ProposalRow.trial_id == TrialRow.id)
+                .where(TrialRow.campaign_id == campaign_id, ProposalRow.model_state.is_not(None))
+                .order_by(ProposalRow.id.desc()).limit(1)).first()
+        return (None, None) if row is None else (int(row[0]), row[1])
+
     def history(self, campaign_id: int) -> list[HistoryItem]:
         """What a planner learns from: completed trials with outcomes, failed ones, and vetoed ones
         (as failures: the envelope forbids that point, so do not propose it again)."""
+        return [h for _, h in self.numbered_history(campaign_id)]
+
+    def numbered_history(self, campaign_id: int) -> list[tuple[int, HistoryItem]]:
+        """:meth:`history` with each item's trial number, in the same order."""
         out = []
         with self._sessions() as s:
             rows = s.scalars(
@@ -386,9 +409,9 @@ class Ledger:
                 .order_by(TrialRow.number).options(selectinload(TrialRow.observation))).all()
         for t in rows:
             if t.state == "completed" and t.observation is not None:
-                out.append(HistoryItem(t.parameters, "completed", dict(t.observation.values)))
+                out.append((t.number, HistoryItem(t.parameters, "completed", dict(t.observation.values))))
             elif t.state in ("failed", "vetoed"):
-                out.append(HistoryItem(t.parameters, "failed"))
+                out.append((t.number, HistoryItem(t.parameters, "failed")))
         return out
 
     def counts(self, campaign_id: int) -> dict[str, int]:

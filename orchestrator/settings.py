@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     trainer: Literal["inprocess", "external", "off"] = "inprocess"
     #: results from which the deep ensemble replaces the exact GP
     surrogate_switch_at: int = 1000
+    #: seconds a planner waits for the model version trained on every result so far (so a
+    #: campaign's decisions do not depend on the trainer's speed); 0: never wait
+    trainer_wait: float = 30.0
 
 
 def configure_prefect_environment(settings: Settings | None = None) -> None:

@@ -255,7 +255,8 @@ class AxPlanner(Planner):
         client._generation_strategy.current_generator_run_limit()  # noqa: SLF001
         return client
 
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         if n < 1:
             return []
         untried: list[int] | None = None

@@ -39,6 +39,10 @@ class Proposal:
     model_unseen: int | None = None
     #: distance of the point from the data the model has seen (~1: the data's own spacing)
     ood_score: float | None = None
+    #: what the planner's next ask may start from (plain JSON: e.g. the GP hyperparameters
+    #: this proposal was made with); the ledger records it and hands it back as ``ask(...,
+    #: state=...)``, so a warm-started planner is a function of the ledger, not of its past
+    model_state: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,15 @@ class Planner(ABC):
         n: int,
         history: list[HistoryItem],
         pending: list[dict[str, Any]],
+        state: dict[str, Any] | None = None,
     ) -> list[Proposal]:
-        """Propose ``n`` trials given the finished ``history`` and the ``pending`` (running) points."""
+        """Propose ``n`` trials given the finished ``history`` and the ``pending`` (running) points.
+
+        ``state`` is the ``model_state`` of the campaign's latest proposal (``None`` for the
+        first, or when it had none): all a planner may carry from one ask to the next. A
+        planner holds no other state between asks, so the same arguments give the same
+        proposals in a long-lived planner and in a fresh one rebuilt from the ledger.
+        """
 
     def untried_pool(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[int]:
         """Indices of the pool rows neither in ``history`` nor ``pending`` (pool mode only)."""
@@ -102,7 +113,8 @@ class Planner(ABC):
 
     def model_proposals(self, params: list[dict[str, Any]], seed: int, mean, sd,
                         values: list[float], version: str, unseen: int | None = None,
-                        ood: list[float] | None = None) -> list[Proposal]:
+                        ood: list[float] | None = None,
+                        state: dict[str, Any] | None = None) -> list[Proposal]:
         """Proposals from a model: ``mean``/``sd`` are ``len(params) x outcomes`` arrays in
         measured units, in the order of :attr:`Problem.outcome_names`; ``unseen`` results the
         model had not been trained on; ``ood`` the out-of-domain score of each point."""
@@ -113,7 +125,7 @@ class Planner(ABC):
                 predicted_mean={k: float(mean[i][j]) for j, k in enumerate(names)},
                 predicted_sd={k: float(sd[i][j]) for j, k in enumerate(names)},
                 acquisition_value=float(values[i]), model_version=version, model_unseen=unseen,
-                ood_score=None if ood is None else float(ood[i]),
+                ood_score=None if ood is None else float(ood[i]), model_state=state,
             )
             for i, p in enumerate(params)
         ]

@@ -60,7 +60,8 @@ class RandomPlanner(Planner):
 
     name = "random"
 
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         seed = self.step_seed(history, pending)
         if self.problem.pool is not None:
             untried = self.untried_pool(history, pending)
@@ -77,7 +78,8 @@ class SobolPlanner(Planner):
 
     name = "sobol"
 
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         skip = len(history) + len(pending)
         X = sobol_points(self.problem.space, n, self.seed, skip=skip)
         return _proposals(self, X, history, pending, self.seed)
@@ -95,7 +97,8 @@ class LatinHypercubePlanner(Planner):
             raise ValueError("design_size must be at least 2")
         self.design_size = int(design_size)
 
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         start = len(history) + len(pending)
         blocks = {}
         rows = []
@@ -141,7 +144,8 @@ class GridPlanner(Planner):
         order = np.random.default_rng(seed).permutation(len(points))
         self.points = [points[i] for i in order]
 
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         start = len(history) + len(pending)
         if self.problem.pool is not None:
             X = self.problem.space.encode([self.points[k % len(self.points)] for k in range(start, start + n)])

@@ -79,11 +79,14 @@ class BayesianPlanner(Planner):
       - ``sequential`` (true): a batch chosen one point at a time (greedy), else jointly.
       - ``fit_maxiter`` (50): L-BFGS iterations of the GP fit (the marginal likelihood
         it reaches matched an unlimited fit to 4 digits on Hartmann6 at 35 and 100 points).
-      - ``warm_start`` (true): when no surrogate trainer serves this planner, keep its own GP
-        between asks and refit it from the previous ask's hyperparameters (at most
-        ``update_maxiter`` L-BFGS iterations, 10) instead of from BoTorch's initial values.
-        This is what the surrogate trainer does for a campaign; on Branin it halved the
-        proposal time and the regret (benchmarks/RESULTS.md). The first model-based ask is a
+      - ``warm_start`` (true): when no surrogate trainer serves this planner, refit its GP from
+        the hyperparameters of the previous ask (at most ``update_maxiter`` L-BFGS iterations,
+        10) instead of from BoTorch's initial values. Those hyperparameters travel as the
+        proposal's ``model_state``, which the ledger records and hands back as ``ask(...,
+        state=...)``: the planner keeps nothing between asks, so a fresh planner given the
+        ledger's history and state proposes exactly what the long-lived one did. This is what
+        the surrogate trainer does for a campaign; on Branin it halved the proposal time and the
+        regret (benchmarks/RESULTS.md). Without a state (the first model-based ask) it is a
         full fit. A planner serving a trainer fits cold when the trainer has no version yet,
         so a campaign's decisions replay from its ledger and checkpoints alone.
       - ``max_widening`` (1.5): when the trainer's version reports that its recent 95 %
@@ -138,8 +141,6 @@ class BayesianPlanner(Planner):
         if not float(max_widening) >= 1:
             raise ValueError("max_widening must be at least 1 (1: never widen)")
         self.max_widening = float(max_widening)
-        #: this planner's own GP, refitted warm on every ask (``warm_start``, no trainer)
-        self._own_gp: ExactGP | None = None
         self.tkwargs: dict[str, Any] = {"device": torch_device(), "dtype": torch.double}
         #: where the newest trained surrogate comes from (``latest() -> ModelVersion | None``),
         #: set by the orchestrator; ``None``: this planner fits its own GP (warm, see ``warm_start``)
@@ -148,7 +149,8 @@ class BayesianPlanner(Planner):
     accepts_surrogates = True
 
     # ---- the interface ---------------------------------------------------
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         space = self.problem.space
         completed = self.completed(history)
         seed = self.step_seed(history, pending)
@@ -167,8 +169,8 @@ class BayesianPlanner(Planner):
             warnings.simplefilter("ignore", category=BotorchWarning)
             warnings.simplefilter("ignore", category=RuntimeWarning)
             failed = [h for h in history if h.state == "failed"] if self.feasibility_model else []
-            trained = self._trained_version()
-            setup = _ModelSetup(self, completed, failed, trained)
+            trained = self._trained_version(len(completed))
+            setup = _ModelSetup(self, completed, failed, trained, state)
             X_pending = space.encode(pending).to(**self.tkwargs) if pending else None
             acqf = setup.acquisition(X_pending, seed, self.mc_samples)
             if self.problem.pool is not None:
@@ -190,28 +192,34 @@ class BayesianPlanner(Planner):
         params = ([dict(self.problem.pool[i]) for i in rows] if rows is not None  # type: ignore[index]
                   else space.decode(legal))
         return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), values, version,
-                                    unseen=unseen, ood=ood)
+                                    unseen=unseen, ood=ood, state=setup.state)
 
-    def _trained_version(self) -> Any:
-        """The newest trained model version when one is available and fits this problem."""
+    def _trained_version(self, results: int) -> Any:
+        """The newest trained model version when one is available and fits this problem; a live
+        source may wait (a bounded time) for the version trained on all ``results``, so that a
+        campaign's decisions do not depend on how fast its trainer was."""
         if self.surrogate_source is None:
             return None
-        version = self.surrogate_source.latest()
+        version = self.surrogate_source.latest(results=results)
         if version is None or version.targets.m != len(self.problem.objectives) + len(self.problem.outcome_constraints):
             return None
         return version
 
-    def _own_model(self, X: torch.Tensor, Y: torch.Tensor) -> SingleTaskGP:
-        """This planner's GP on all of ``X, Y`` (utilities), warm-started from the previous ask."""
-        gp = self._own_gp
-        if gp is None or gp.train_X.shape[-1] != X.shape[-1] or gp.train_Y.shape[-1] != Y.shape[-1]:
-            gp = ExactGP(fit_maxiter=self.fit_maxiter, update_maxiter=self.update_maxiter,
-                         device=self.tkwargs["device"])
-            gp.fit(X, Y)
-        else:
-            gp.update(X, Y)
-        self._own_gp = gp
-        return gp.model
+    def _own_model(self, X: torch.Tensor, Y: torch.Tensor,
+                   state: dict[str, Any] | None) -> tuple[SingleTaskGP, dict[str, Any]]:
+        """This planner's GP on all of ``X, Y`` (utilities), refitted from the hyperparameters in
+        ``state`` (the previous proposal's ``model_state``) when they fit, else from scratch;
+        returns the model and the ``model_state`` to record with this ask's proposals."""
+        gp = ExactGP(fit_maxiter=self.fit_maxiter, update_maxiter=self.update_maxiter,
+                     device=self.tkwargs["device"])
+        hyper = (state or {}).get("gp")
+        try:
+            if hyper is None:
+                raise ValueError("no hyperparameters to start from")
+            gp.fit_from(X, Y, hyper)
+        except (ValueError, TypeError, RuntimeError):
+            gp.fit(X, Y)  # first model-based ask, or a state of another shape (the file changed)
+        return gp.model, {"gp": gp.hyperparameters()}
 
     # ---- acquisition optimisation -----------------------------------------
     def _optimize(self, acqf, q: int) -> torch.Tensor:
@@ -301,7 +309,7 @@ class _ModelSetup:
     """
 
     def __init__(self, planner: BayesianPlanner, completed: list[HistoryItem], failed: list[HistoryItem],
-                 trained: Any = None):
+                 trained: Any = None, state: dict[str, Any] | None = None):
         self.p = planner
         problem, tk = planner.problem, planner.tkwargs
         self.objectives = problem.objectives
@@ -312,8 +320,10 @@ class _ModelSetup:
         Y = Y.to(**tk)
         fit = lambda m: _fit(m, planner.fit_maxiter)  # noqa: E731
         self.inflation = 1.0
+        #: the proposals' ``model_state``: the own GP's hyperparameters, for the next ask
+        self.state: dict[str, Any] | None = None
         if trained is None and planner.warm_start and planner.surrogate_source is None:
-            main = planner._own_model(self.X, Y)
+            main, self.state = planner._own_model(self.X, Y, state)
         elif trained is None:
             main = fit(SingleTaskGP(self.X, Y, outcome_transform=Standardize(m=Y.shape[-1])))
         elif trained.kind == "gp":  # the trainer's hyperparameters on all the data there is now

@@ -263,7 +263,8 @@ class RLPlanner(Planner):
         self._previous_policy: tuple[int, dict[str, torch.Tensor]] | None = None
 
     # ---- the interface ---------------------------------------------------
-    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[Proposal]:
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
         if n < 1:
             return []
         space = self.problem.space

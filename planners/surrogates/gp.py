@@ -226,15 +226,7 @@ class ExactGP:
                          if k.startswith(_TRANSFORM_PREFIX)}
             model = self._build(X, Y, hyper=hyper, transform=transform)
             return self._finish(model, X, Y, t0, iterations=0, refit=False)
-        model = self._build(X, Y, hyper=hyper)
-        failed = False
-        iterations = 0
-        if self.update_maxiter > 0:
-            try:
-                iterations = self._optimise(model, self.update_maxiter, max_attempts=1,
-                                            options={"ftol": self.update_ftol})
-            except ModelFittingError:
-                failed = True  # the fit rolled back: the current hyperparameters stand
+        model, iterations, failed = self._warm(X, Y, hyper)
         restarted, value = False, None
         self._refits += 1
         if self.restart_every and self._refits % self.restart_every == 0:
@@ -249,6 +241,46 @@ class ExactGP:
                 pass  # the warm model stands
         return self._finish(model, X, Y, t0, mll=value, iterations=iterations, refit=True, refit_failed=failed,
                             restarted=restarted)
+
+    def fit_from(self, X: torch.Tensor, Y: torch.Tensor, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        """Fit on ``X: n x d``, ``Y: n x m`` starting from given hyperparameters (as returned by
+        :meth:`hyperparameters`): the refit of :meth:`update` (fresh standardisation, at most
+        ``update_maxiter`` L-BFGS-B iterations), from a recorded starting point instead of this
+        object's own. The same inputs give the same model, in this process or a fresh one."""
+        X, Y = check_training_data(X, Y)
+        t0 = time.perf_counter()
+        if not isinstance(hyperparameters, dict):
+            raise ValueError(f"hyperparameters: a dict from ExactGP.hyperparameters(), not "
+                             f"{type(hyperparameters).__name__}")
+        hyper = {k: torch.as_tensor(v, dtype=torch.double, device=self.device)
+                 for k, v in hyperparameters.items()}
+        expected = {k: v.shape for k, v in self._build(X, Y).state_dict().items()
+                    if not k.startswith(_TRANSFORM_PREFIX)}
+        if set(hyper) != set(expected) or any(hyper[k].shape != expected[k] for k in expected):
+            raise ValueError("hyperparameters: they belong to another model (other inputs, outcomes "
+                             "or kernel); fit(X, Y) from scratch instead")
+        model, iterations, failed = self._warm(X, Y, hyper)
+        return self._finish(model, X, Y, t0, iterations=iterations, refit=True, refit_failed=failed)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The fitted hyperparameters (raw values, standardisation excluded) as plain JSON:
+        nested lists of floats, exact (a float64 survives ``tolist`` and JSON unchanged)."""
+        return {k: v.detach().cpu().tolist() for k, v in self.model.state_dict().items()
+                if not k.startswith(_TRANSFORM_PREFIX)}
+
+    def _warm(self, X: torch.Tensor, Y: torch.Tensor,
+              hyper: dict[str, torch.Tensor]) -> tuple[SingleTaskGP, int, bool]:
+        """A model on ``X, Y`` refitted from ``hyper``: (model, L-BFGS-B iterations, refit failed)."""
+        model = self._build(X, Y, hyper=hyper)
+        failed = False
+        iterations = 0
+        if self.update_maxiter > 0:
+            try:
+                iterations = self._optimise(model, self.update_maxiter, max_attempts=1,
+                                            options={"ftol": self.update_ftol})
+            except ModelFittingError:
+                failed = True  # the fit rolled back: the starting hyperparameters stand
+        return model, iterations, failed
 
     def predict(self, X: torch.Tensor, observation_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictive mean and variance at ``X: b x d``, each ``b x m``, in measured units (double).

@@ -325,8 +325,10 @@ class SurrogateTrainer:
         return DeepEnsemble(device=self.device, **self.ensemble_options)
 
     # ---- reading ----------------------------------------------------------------
-    def latest(self) -> ModelVersion | None:
-        """The newest version (``None`` before the first)."""
+    def latest(self, results: int | None = None) -> ModelVersion | None:
+        """The newest version (``None`` before the first). ``results`` (how many results the
+        caller holds) is for live sources that may wait for them; a trainer driven by explicit
+        :meth:`update` calls is already up to date, so it is ignored here."""
         with self._lock:
             return self._latest
 
