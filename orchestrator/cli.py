@@ -22,6 +22,7 @@ from rich.table import Table
 from orchestrator.settings import Settings, configure_prefect_environment
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT: the campaign resumes with the same command
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -185,13 +186,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         with api.settings():
             result = run_campaign(runtime)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: the ledger holds every trial so far; "
-                          f"run 'labpilot run {args.file} --output {output_dir}' to resume")
-        return EXIT_FAILURE
+        _print_resume_hint(args.file, output_dir)
+        return EXIT_INTERRUPTED
     finally:
         api.stop()
         if "runtime" in locals():
             runtime.close()
+    if result.status == "interrupted":
+        _print_resume_hint(args.file, output_dir)
+        runtime.ledger.close()
+        return EXIT_INTERRUPTED
     total = time.perf_counter() - t0
     export_path = _export(runtime.ledger, runtime.campaign_id, output_dir, "csv")
     timing = {
@@ -212,6 +216,12 @@ def cmd_run(args: argparse.Namespace) -> int:
          "hypervolume": result.best.hypervolume, "timing": timing}, indent=2, default=str))
     runtime.ledger.close()
     return EXIT_OK if result.status in ("finished", "stopped") else EXIT_FAILURE
+
+
+def _print_resume_hint(file: str, output_dir: Path) -> None:
+    err_console.print("interrupted: the ledger holds every trial so far (a trial that was running is "
+                      f"recorded as abandoned); run 'labpilot run {file} --output {output_dir}' to resume",
+                      markup=False, soft_wrap=True)
 
 
 def _median(v: list[float]) -> float | None:

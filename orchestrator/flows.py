@@ -210,10 +210,13 @@ def campaign_flow(runtime: CampaignRuntime) -> CampaignResult:
     try:
         status, reason = loop.run()
     except KeyboardInterrupt:
+        # Ctrl-C is the operator stopping the campaign, not a crash: record it and return, so the
+        # flow run ends as Prefect's "completed" at once instead of reporting a crash
         loop.interrupt("interrupted by the operator (Ctrl-C)")
-        runtime.ledger.finish_campaign(runtime.campaign_id, "stopped", "interrupted by the operator")
-        raise
-    runtime.ledger.finish_campaign(runtime.campaign_id, status, reason)
+        status, reason = "interrupted", "interrupted by the operator (Ctrl-C)"
+        runtime.ledger.finish_campaign(runtime.campaign_id, "stopped", reason)
+    else:
+        runtime.ledger.finish_campaign(runtime.campaign_id, status, reason)
     result = CampaignResult(runtime.campaign_id, runtime.output_dir, status, reason,
                             runtime.ledger.counts(runtime.campaign_id), runtime.best(),
                             time.monotonic() - t_start, runtime.timings)

@@ -11,11 +11,54 @@ server is started at all.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _detach_and_die_with_parent() -> None:
+    """In the server child, before it runs: a session of its own (a terminal's Ctrl-C goes to
+    the foreground process group, and the campaign, not the server, must answer it: a server
+    that died first left the campaign retrying a dead API for 74-98 s), and SIGTERM when the
+    thread that started it ends (a SIGKILLed campaign left the server running with PPID 1)."""
+    os.setsid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: no parent-death signal, the session still holds
+        pass
+
+
+def _server_class() -> Any:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class TiedServer(SubprocessASGIServer):
+        """Prefect's temporary server, started as Prefect starts it (``_run_uvicorn_command`` of
+        Prefect 3.8), but detached from the terminal and tied to this process's life."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            import prefect
+            from prefect.settings import get_current_settings
+
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                      "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                preexec_fn=_detach_and_die_with_parent,  # noqa: PLW1509 - no threads run in the child
+            )
+
+    return TiedServer
 
 
 class PrefectAPI:
@@ -28,6 +71,8 @@ class PrefectAPI:
         self._server = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._release = threading.Event()
         self._t0 = time.perf_counter()
 
     def start_in_background(self) -> PrefectAPI:
@@ -35,11 +80,13 @@ class PrefectAPI:
             return self
 
         def boot() -> None:
+            # This thread started the server and lives until stop(): the child's parent-death
+            # signal follows the thread that forked it, not the process.
+            server = None
             try:
-                from prefect.server.api.server import SubprocessASGIServer
                 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-                server = SubprocessASGIServer()
+                server = _server_class()()
                 server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
                 self._server = server
                 self.url = server.api_url
@@ -48,15 +95,19 @@ class PrefectAPI:
                 self._error = exc
             finally:
                 self.seconds_to_ready = time.perf_counter() - self._t0
+                self._ready.set()
+            self._release.wait()
+            if server is not None:
+                server.stop()
 
-        self._thread = threading.Thread(target=boot, name="prefect-server-start", daemon=True)
+        self._thread = threading.Thread(target=boot, name="prefect-server", daemon=True)
         self._thread.start()
         return self
 
     def wait(self) -> str:
         """Block until the API is up; return its URL."""
         if self._thread is not None:
-            self._thread.join()
+            self._ready.wait()
         if self._error is not None:
             raise RuntimeError(
                 f"the local Prefect server did not start ({self._error}); raise "
@@ -77,11 +128,13 @@ class PrefectAPI:
 
     def stop_when_ready(self) -> None:
         """Stop a server that is still starting (bad input: nothing will run)."""
-        if self._thread is not None:
-            self._thread.join()
+        self._ready.wait() if self._thread is not None else None
         self.stop()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        """Stop the server this process started (if any) and wait for it to go."""
+        if self._thread is not None:
+            self._release.set()
+            if self._ready.is_set():
+                self._thread.join(timeout=10)
+        self._server = None

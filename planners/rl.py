@@ -84,9 +84,10 @@ nearest of 512 feasible draws (:func:`planners.baselines.sample_feasible`).
 Reproducibility: everything random runs under BoTorch's ``manual_seed`` of
 the step seed, so the same seed, history and pending points give the same
 proposals. ``warm_start: true`` starts each ask's policy from the previous
-ask's (same dimension): proposals then depend on which asks this planner
-object answered before, which a resumed campaign cannot reproduce, so it is
-off by default.
+ask's (same dimension), which travels as the proposal's ``model_state`` (the
+policy's weights as plain lists, a few thousand numbers) and comes back as
+``ask(..., state=...)``, so a resumed campaign reproduces it too; off by
+default (it makes each proposal's ledger row some 100 kB larger).
 
 The GP, the draws, the episodes and the policy run on ``cuda`` when present
 (:func:`planners.bo.torch_device`). On the CPU an ask runs on ``cpu_threads``
@@ -260,7 +261,6 @@ class RLPlanner(Planner):
         self.warm_start = bool(warm_start)
         self.cpu_threads = int(cpu_threads)
         self.tkwargs: dict[str, Any] = {"device": torch_device(), "dtype": torch.double}
-        self._previous_policy: tuple[int, dict[str, torch.Tensor]] | None = None
 
     # ---- the interface ---------------------------------------------------
     def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
@@ -291,7 +291,7 @@ class RLPlanner(Planner):
             ctx = self._context(X, Y, rows)
 
             X_fant = space.encode(pending).to(**self.tkwargs) if pending else X[:0]
-            policy, warm = self._new_policy(space.dim)
+            policy, warm = self._new_policy(space.dim, state)
             chosen: list[torch.Tensor] = []
             scores: list[float] = []
             for i in range(n):
@@ -309,9 +309,10 @@ class RLPlanner(Planner):
                 X_fant = torch.cat([X_fant, z.unsqueeze(0)])
                 if ctx.pool is not None:  # a row once chosen is no longer untried
                     ctx.pool = ctx.pool[(ctx.pool - z).abs().sum(-1) > 1e-9]
+            new_state = None
             if self.warm_start:
-                state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-                self._previous_policy = (space.dim, state)
+                new_state = {"dim": space.dim,
+                             "policy": {k: v.detach().cpu().tolist() for k, v in policy.state_dict().items()}}
             Z = torch.stack(chosen)
             with torch.no_grad():
                 post = model.posterior(Z)
@@ -319,7 +320,8 @@ class RLPlanner(Planner):
 
         params = space.decode(Z) if rows is None else _snap_to_rows(space, Z.cpu(), rows)
         sd = var.clamp_min(0).sqrt()
-        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), scores, f"rl-gp-{len(completed)}")
+        return self.model_proposals(params, seed, mean.tolist(), sd.tolist(), scores, f"rl-gp-{len(completed)}",
+                                    state=new_state)
 
     # ---- what a point is worth ---------------------------------------------
     def _context(self, X: torch.Tensor, Y: torch.Tensor, rows: list[dict[str, Any]] | None) -> _Ask:
@@ -477,11 +479,16 @@ class RLPlanner(Planner):
         return logmeanexp(log_fatplus(gain, tau=self._TAU * ctx.scale), dim=0)
 
     # ---- learning and choosing ---------------------------------------------------
-    def _new_policy(self, d: int) -> tuple[_Policy, bool]:
-        """A policy, and whether it was warm-started from the previous ask's."""
+    def _new_policy(self, d: int, state: dict[str, Any] | None) -> tuple[_Policy, bool]:
+        """A policy, and whether it was warm-started from the previous ask's (``state``, the
+        previous proposal's ``model_state``; one of another shape is ignored)."""
         policy = _Policy(d, self.hidden, self.init_sd).to(**self.tkwargs)
-        if self.warm_start and self._previous_policy and self._previous_policy[0] == d:
-            policy.load_state_dict(self._previous_policy[1])
+        if self.warm_start and isinstance(state, dict) and state.get("dim") == d:
+            try:
+                policy.load_state_dict({k: torch.as_tensor(v, **self.tkwargs)
+                                        for k, v in state["policy"].items()})
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+                return _Policy(d, self.hidden, self.init_sd).to(**self.tkwargs), False
             with torch.no_grad():  # explore afresh: the model has moved on
                 policy.log_sd.fill_(math.log(self.init_sd))
             return policy, True

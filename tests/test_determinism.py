@@ -106,3 +106,19 @@ def test_a_campaign_run_twice_decides_alike_and_replays_exactly_from_its_ledger(
     replayed = replay_campaign(ledger, cid)
     assert [r.trial for r in replayed] == list(range(1, 12))
     assert all(r.matches for r in replayed), [r for r in replayed if not r.matches]
+
+
+def test_rl_warm_start_travels_in_the_proposal_too():
+    """The sibling of bo's warm start: on main rl kept its previous policy on the object."""
+    options = {"train_steps": 15, "fine_tune_steps": 5, "episodes": 32, "eval_functions": 32,
+               "candidates": 16, "num_features": 128, "warm_start": True, "initial_trials": 4}
+    problem = _problem(PLAIN)
+    long_lived = make_planner("rl", problem, 2, options)
+    steps = _walk(long_lived, 3, pass_state=True)
+    assert steps[1]["state"] is not None and steps[1]["state"]["dim"] == PLAIN.dim
+    for step in steps:
+        fresh = make_planner("rl", problem, 2, options).ask(1, step["history"], [], state=step["state"])[0]
+        assert fresh.parameters == step["proposal"].parameters
+    # asked without the state, the long-lived planner does what a fresh one does
+    again = long_lived.ask(1, steps[-1]["history"], [])[0]
+    assert again.parameters == make_planner("rl", problem, 2, options).ask(1, steps[-1]["history"], [])[0].parameters
