@@ -4,7 +4,6 @@ batches it takes into account, the options it refuses, and a search that beats r
 from __future__ import annotations
 
 import math
-import statistics
 
 import numpy as np
 import pytest
@@ -198,22 +197,33 @@ def test_rl_restores_torchs_thread_setting():
 
 
 # ---- it must earn its keep --------------------------------------------------------------
-def _branin_best(name: str, seed: int, trials: int) -> float:
+def _branin_regret(name: str, seed: int, design: list[dict], steps: int) -> float:
+    """Simple regret on Branin after ``design`` (shared by the planners compared) and ``steps``
+    proposals of planner ``name``."""
     sim = load_problem("branin")
     problem = Problem(space=SearchSpace(parameters=sim.parameters),
                       objectives=[Objective(name="y", goal="minimize")])
     planner = make_planner(name, problem, seed=seed)
-    history: list[HistoryItem] = []
-    for _ in range(trials):
+    history = [HistoryItem(p, "completed", sim.evaluate(p)) for p in design]
+    for _ in range(steps):
         proposal = planner.ask(1, history, [])[0]
         history.append(HistoryItem(proposal.parameters, "completed", sim.evaluate(proposal.parameters)))
-    return min(h.outcomes["y"] for h in history)
+    return min(h.outcomes["y"] for h in history) - sim.optimum["y"]
 
 
 @pytest.mark.slow
-def test_rl_beats_random_search_on_branin_at_20_trials_median_over_seeds():
-    seeds, trials = [0, 1, 2], 20
-    rl = [_branin_best("rl", s, trials) for s in seeds]
-    rand = [_branin_best("random", s, trials) for s in seeds]
-
-    assert statistics.median(rl) < statistics.median(rand), (rl, rand)
+def test_rl_beats_random_search_on_branin_from_the_same_design_on_every_seed():
+    """Paired: on each seed rl and random start from the same 5 Sobol points and take 10 more.
+    (Measured on seeds 0-5: rl's regret was 0.015-0.53 of random's, every seed; this checks 2 of
+    them, each of which must be won, instead of a median of 3 unpaired 20-trial runs that cost
+    215 s on a loaded machine.)"""
+    sim = load_problem("branin")
+    problem = Problem(space=SearchSpace(parameters=sim.parameters),
+                      objectives=[Objective(name="y", goal="minimize")])
+    rl, rand = [], []
+    for seed in (0, 1):
+        design = [p.parameters for p in make_planner("sobol", problem, seed=100 + seed).ask(5, [], [])]
+        rl.append(_branin_regret("rl", seed, design, 10))
+        rand.append(_branin_regret("random", seed, design, 10))
+    assert all(a < b for a, b in zip(rl, rand, strict=True)), (rl, rand)
+    assert sum(rl) < 0.75 * sum(rand), (rl, rand)
