@@ -246,3 +246,31 @@ instruments: [{{name: bench, dataset: '{table}'}}]
     assert by_row == {0.1: "completed", 0.2: "failed", 0.3: "completed", 0.4: "completed"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_parameters"] == {"a": 0.3, "n": 3, "c": "red"}
+
+
+def test_the_suzuki_example_plans_over_the_rows_of_its_table():
+    from orchestrator.spec import load_campaign
+
+    spec = load_campaign(Path(__file__).resolve().parents[1] / "examples" / "suzuki_table.yaml")
+
+    assert len(spec.problem().pool) == 247
+
+
+def test_ax_on_a_fractions_pool_proposes_untried_rows():
+    pytest.importorskip("ax")
+    problem = _pool_problem("photo_pce10")
+    history = [HistoryItem(dict(r), "completed", {"degradation": 0.1 * i})
+               for i, r in enumerate(problem.pool[:3])]
+
+    proposals = make_planner("ax", problem, seed=0).ask(2, history, [])
+
+    rows = {row_key(r) for r in problem.pool[3:]}
+    assert {row_key(p.parameters) for p in proposals} <= rows and len(proposals) == 2
+
+
+def test_validate_refuses_a_pool_campaign_whose_bounds_exclude_every_row(write_campaign, capsys):
+    text = SUZUKI_POOL.replace("PLANNER", "sobol").replace("lower: 75, upper: 90", "lower: 95, upper: 99")
+
+    assert main(["validate", str(write_campaign(text))]) == 2
+    captured = capsys.readouterr()
+    assert "no row of the pool table" in captured.out + captured.err
