@@ -125,6 +125,9 @@ TABLE_FORMAT = "simulators/data/README.md"  # where the table format is document
 #: Rows of a fractions table may miss their total by this much, relative to it (the published
 #: tables in simulators/data/ are exact to ~1e-16; 1e-6 still catches a fraction typed wrong).
 SUM_RTOL = 1e-6
+#: A cell may pass a bound by this much of the range: published tables hold bounds that are
+#: their own extreme values printed with one digit fewer (agnp: 0.49885165299999995 vs 0.498851653).
+BOUNDS_RTOL = 1e-9
 #: At most this many bad cells are listed in one error; the rest are counted.
 MAX_LISTED = 10
 MISSING_OUTCOME = ("refuse", "failed")
@@ -201,11 +204,12 @@ def _check_cells(raw: pd.DataFrame, params: list[Parameter], outcomes: list[str]
             table[p.name] = [by_text.get(v, v) for v in cells]
             continue
         numbers = pd.to_numeric(cells, errors="coerce").to_numpy(float)
+        slack = BOUNDS_RTOL * (p.upper - p.lower)
         for r, (v, x) in enumerate(zip(cells, numbers, strict=True)):
             if not np.isfinite(x):
                 bad(r, p.name, f"{v!r} is not a number; write a number in [{p.lower}, {p.upper}]"
                     if v else f"is blank; write a number in [{p.lower}, {p.upper}]")
-            elif not p.lower <= x <= p.upper:
+            elif not p.lower - slack <= x <= p.upper + slack:
                 bad(r, p.name, f"{v} is outside [{p.lower}, {p.upper}] declared in dataset.yaml; "
                     "fix the cell or the bounds")
             elif isinstance(p, IntParameter) and x != round(x):
@@ -293,7 +297,8 @@ def load_table(folder: str | Path) -> SimProblem:
     if problems:
         listed = "\n".join(f"  - {m}" for m in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise ProblemError(f"{data_file}: {len(problems)} problems in the table (line numbers count "
+        raise ProblemError(f"{data_file}: {len(problems)} problem{'s' if len(problems) > 1 else ''} "
+                           "in the table (line numbers count "
                            f"the header as line 1):\n{listed}{more}\nFix the cells, or dataset.yaml; "
                            f"the format is in {TABLE_FORMAT}")
     if not len(table):

@@ -91,6 +91,13 @@ def test_a_table_with_many_bad_cells_lists_the_first_ten_and_counts_the_rest(tmp
     assert msg.count("column 'y'") == 10
 
 
+def test_a_cell_a_hair_past_a_bound_by_round_off_is_accepted(tmp_path):
+    """Published bounds are often a column's extreme printed with a digit fewer (agnp)."""
+    t = _table(tmp_path / "t", "a,n,c,y\n0.99999999999999995,1,red,3\n1.0000000000000002,2,blue,4\n")
+
+    assert len(load_table(t).table) == 2
+
+
 def test_a_table_whose_fractions_do_not_add_up_names_the_worst_row(tmp_path):
     meta = """\
 name: blend
