@@ -29,7 +29,7 @@ from planners import make_planner
 from planners.base import HistoryItem, Problem
 from planners.baselines import sobol_points
 from planners.space import LinearConstraint, SearchSpace
-from simulators.problems import ANALYTIC, SimProblem, load_table
+from simulators.problems import ANALYTIC, SimProblem, load_table, pool_rows
 
 # Noise of the noisy variants: BoTorch's multi-objective tutorial uses these for BraninCurrin.
 NOISY = {"branincurrin": [15.19, 0.63], "branin": [1.0], "hartmann6": [0.05]}
@@ -80,14 +80,7 @@ def parse_problem(text: str) -> BenchProblem:
     if constraint is not None:
         sim.constraints = [*sim.constraints, LinearConstraint.parse(constraint)]
     space = SearchSpace(parameters=sim.parameters, constraints=sim.constraints)
-    pool = None
-    if sim.kind == "pool" and sim.table is not None:
-        names = [p.name for p in sim.parameters]
-        pool = tuple(
-            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            for row in sim.table[names].to_dict("records")
-        )
-    problem = Problem(space=space, objectives=list(sim.objectives), pool=pool)
+    problem = Problem(space=space, objectives=list(sim.objectives), pool=pool_rows(sim))
     if noise and len(noise) == 1:
         noise = noise * len(sim.outcomes)
     label = Path(base).name if Path(base).is_dir() else name

@@ -176,13 +176,91 @@ class CampaignSpec(_Spec):
         return SearchSpace(parameters=self.parameters, constraints=self.constraints)
 
     def problem(self) -> Problem:
-        return Problem(space=self.search_space(), objectives=list(self.objectives),
-                       outcome_constraints=list(self.outcome_constraints))
+        """What the planner optimises; on a ``kind: pool`` table, with the table's rows as the pool
+        (every planner then proposes only untried rows, so the best is a measured row)."""
+        space = self.search_space()
+        return Problem(space=space, objectives=list(self.objectives),
+                       outcome_constraints=list(self.outcome_constraints),
+                       pool=campaign_pool(self.instruments, space))
 
     @property
     def outcome_names(self) -> list[str]:
         names = [o.name for o in self.objectives]
         return names + [c.name for c in self.outcome_constraints if c.name not in names]
+
+
+def _pool_instruments(instruments: list[InstrumentSpec]) -> list[tuple[int, Any]]:
+    """``(index, table)`` of each instrument whose dataset is a ``kind: pool`` table."""
+    from simulators.problems import load_problem
+
+    out = []
+    for i, inst in enumerate(instruments):
+        if inst.dataset:
+            sim = load_problem(None, inst.dataset)
+            if sim.kind == "pool":
+                out.append((i, sim))
+    return out
+
+
+def campaign_pool(instruments: list[InstrumentSpec], space: SearchSpace) -> tuple[dict[str, Any], ...] | None:
+    """The pool of the campaign's ``kind: pool`` table, restricted to the rows inside ``space``
+    (its bounds, choices and constraints) and typed as ``space`` declares; ``None`` when no
+    instrument is a pool table. :func:`check_campaign` has made sure there is at most one table."""
+    from simulators.problems import pool_rows
+
+    pools = _pool_instruments(instruments)
+    if not pools:
+        return None
+    rows = []
+    for row in pool_rows(pools[0][1]) or ():
+        point = {}
+        for p in space.parameters:
+            v = row[p.name]
+            if p.type == "categorical":
+                v = next((c for c in p.choices if str(c) == str(v)), v)
+            else:
+                try:
+                    v = int(v) if p.type == "int" else float(v)
+                except (TypeError, ValueError):
+                    break  # a categorical table column for a numeric parameter: not in the space
+            point[p.name] = v
+        else:
+            try:
+                space.validate_point(point)
+            except ValueError:
+                continue
+            rows.append(point)
+    return tuple(rows)
+
+
+def _check_pool(spec: CampaignSpec) -> list[SpecIssue]:
+    """A campaign on a pool table runs on that one table: every instrument measures it, and
+    some of its rows lie inside the campaign's space."""
+    from simulators.problems import ProblemError
+
+    try:
+        pools = _pool_instruments(spec.instruments)
+    except ProblemError:
+        return []  # reported per instrument
+    if not pools:
+        return []
+    i, sim = pools[0]
+    others = [j for j, inst in enumerate(spec.instruments)
+              if j != i and Path(str(inst.dataset)) != Path(str(spec.instruments[i].dataset))]
+    if others:
+        return [SpecIssue(f"instruments[{others[0]}]",
+                          f"instrument {spec.instruments[i].name!r} is a 'kind: pool' table "
+                          f"({sim.name}), so the planner picks rows of it; every instrument must "
+                          "measure the same table (give them all the same 'dataset')")]
+    try:
+        space = SearchSpace(parameters=spec.parameters, constraints=spec.constraints)
+    except (ValidationError, ValueError):
+        return []  # reported elsewhere
+    if not campaign_pool(spec.instruments, space):
+        return [SpecIssue("parameters", f"no row of the pool table {sim.name!r} lies inside the "
+                          "campaign's parameter bounds, choices and constraints; widen them to the "
+                          "table's (see its dataset.yaml)")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -334,6 +412,8 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
                     else "outcome_constraints",
                     f"{kind} {n!r} is not measured by instrument {inst.name!r}, which measures "
                     f"{measured}; name one of those or add an instrument that measures {n!r}"))
+    if not issues:
+        issues += _check_pool(spec)
     inst_names = [inst.name for inst in spec.instruments]
     for i, n in enumerate(inst_names):
         if n in inst_names[:i]:

@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from planners.base import HistoryItem, Planner, Problem, Proposal, finite
+from planners.baselines import design_space
 from planners.space import CategoricalParameter, FloatParameter, IntParameter
 
 #: Ax's ``Client`` seeds numpy, which takes seeds below 2**32.
@@ -74,7 +75,8 @@ class AxPlanner(Planner):
     Not supported (``ValueError`` when the planner is built): equality
     constraints (``==``, e.g. fractions that must add to a total; Ax's
     parameter constraints are inequalities only) and the ``target`` goal.
-    Use planner ``bo`` for either.
+    Use planner ``bo`` for either. In pool mode the constraints are left out
+    of Ax's space (every row satisfies them), so a fractions pool works.
 
     Pool mode (a table that is the whole world): Ax has no pool mode. The
     adapter asks Ax for ``n`` points in the continuous space spanned by the
@@ -122,7 +124,8 @@ class AxPlanner(Planner):
 
     # ---- what Ax can express ----------------------------------------------
     def _check_supported(self) -> None:
-        for c in self.problem.space.constraints:
+        # In pool mode the constraints are not Ax's to keep: every pool row satisfies them.
+        for c in design_space(self.problem).constraints:
             if c.op == "==":
                 raise ValueError(
                     f"the Ax adapter does not support the equality constraint '{c}': Ax's "
@@ -164,7 +167,7 @@ class AxPlanner(Planner):
 
     def _parameter_constraints(self) -> list[str]:
         out = []
-        for c in self.problem.space.constraints:
+        for c in design_space(self.problem).constraints:
             lhs = " + ".join(f"{float(a)!r} * {self._param_alias[n]}" for n, a in c.coefficients.items())
             out.append(f"{lhs} {c.op} {float(c.rhs)!r}")
         return out

@@ -2,7 +2,10 @@
 
 They are also the initial design of the model-based planners. In pool mode
 (a table that is the whole world) each picks untried rows: random uniformly,
-the space-filling ones the untried row nearest to each of their points.
+the space-filling ones the untried row nearest to each of their points. Those
+points are drawn in the unconstrained unit cube (:func:`design_space`): every
+pool row already satisfies the constraints, and sampling a polytope by
+hit-and-run on every call cost seconds per proposal on a fractions table.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ def sample_feasible(space: SearchSpace, n: int, seed: int) -> torch.Tensor:
     return X.clamp(0, 1)
 
 
+def design_space(problem: Problem) -> SearchSpace:
+    """The space a space-filling design is drawn in: the problem's, or in pool mode the same
+    parameters without the linear constraints (the pool's rows satisfy them already)."""
+    space = problem.space
+    if problem.pool is not None and space.constraints:
+        return SearchSpace(parameters=space.parameters)
+    return space
+
+
 def sobol_points(space: SearchSpace, n: int, seed: int, skip: int = 0) -> torch.Tensor:
     """``n x d`` scrambled Sobol points after the first ``skip``; constrained spaces fall back
     to :func:`sample_feasible` (a Sobol net does not survive a linear constraint)."""
@@ -81,7 +93,7 @@ class SobolPlanner(Planner):
     def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
             state: dict[str, Any] | None = None) -> list[Proposal]:
         skip = len(history) + len(pending)
-        X = sobol_points(self.problem.space, n, self.seed, skip=skip)
+        X = sobol_points(design_space(self.problem), n, self.seed, skip=skip)
         return _proposals(self, X, history, pending, self.seed)
 
 
@@ -110,7 +122,7 @@ class LatinHypercubePlanner(Planner):
                 blocks[b] = design
             rows.append(blocks[b][k % self.design_size])
         X = torch.tensor(np.array(rows), dtype=torch.double)
-        if self.problem.space.constraints:
+        if design_space(self.problem).constraints:
             X = _nearest_feasible(self.problem.space, X, self.seed + start)
         return _proposals(self, X, history, pending, self.seed)
 
@@ -125,7 +137,9 @@ class GridPlanner(Planner):
         super().__init__(problem, seed)
         if levels < 2:
             raise ValueError("levels must be at least 2")
-        if any(c.op == "==" for c in problem.space.constraints):
+        # In pool mode the grid's points are snapped to rows, which satisfy the constraints.
+        space = design_space(problem)
+        if any(c.op == "==" for c in space.constraints):
             raise ValueError("a grid cannot satisfy an equality (fractions) constraint; use planner 'sobol' "
                              "or 'random' instead")
         axes = []
@@ -140,7 +154,7 @@ class GridPlanner(Planner):
         names = problem.space.names
         points = [dict(zip(names, (float(v) if isinstance(v, np.floating) else v for v in combo), strict=True))
                   for combo in itertools.product(*axes)]
-        points = [q for q in points if problem.space.is_feasible(q)]
+        points = [q for q in points if space.is_feasible(q)]
         order = np.random.default_rng(seed).permutation(len(points))
         self.points = [points[i] for i in order]
 

@@ -54,7 +54,7 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch.quasirandom import SobolEngine
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
-from planners.baselines import _proposals, sobol_points
+from planners.baselines import _proposals, design_space, sobol_points
 from planners.surrogates import ExactGP, inflate, ood_score, resolve_device
 from planners.surrogates.targets import TargetMap, tail_unwarp, tail_warp, warp_with
 
@@ -155,7 +155,7 @@ class BayesianPlanner(Planner):
         completed = self.completed(history)
         seed = self.step_seed(history, pending)
         if len(completed) < self.initial_trials:
-            X = sobol_points(space, n, self.seed, skip=len(history) + len(pending))
+            X = sobol_points(design_space(self.problem), n, self.seed, skip=len(history) + len(pending))
             return _proposals(self, X, history, pending, seed)
 
         # gpytorch's debug checks (shapes of the training data on every call) cost a fifth of the

@@ -115,7 +115,7 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch import nn
 
 from planners.base import HistoryItem, Planner, Problem, Proposal
-from planners.baselines import sample_feasible, sobol_points
+from planners.baselines import design_space, sample_feasible, sobol_points
 from planners.bo import torch_device
 from planners.space import CategoricalParameter, IntParameter
 
@@ -277,7 +277,7 @@ class RLPlanner(Planner):
             if n == 0:
                 return []
         if len(completed) < self.initial_trials:
-            X = sobol_points(space, n, self.seed, skip=len(history) + len(pending))
+            X = sobol_points(design_space(self.problem), n, self.seed, skip=len(history) + len(pending))
             params = space.decode(X) if rows is None else _snap_to_rows(space, X, rows)
             return [Proposal(parameters=p, planner=self.name, seed=seed) for p in params]
 

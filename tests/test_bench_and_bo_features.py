@@ -13,15 +13,14 @@ from planners.base import HistoryItem, Problem, row_key
 from planners.bo import tail_unwarp, tail_warp
 from planners.space import FloatParameter, Objective, OutcomeConstraint, SearchSpace
 from simulators import load_problem
-
-from .conftest import SHARED_DATASETS
+from simulators.problems import BUNDLED_DATA
 
 FAST = {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}
 
 
 def test_bench_writes_json_keyed_by_problem_then_planner_with_every_metric(tmp_path):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--problems", "branin,branincurrin-noisy", str(SHARED_DATASETS / "suzuki"),
+    code = main(["bench", "--problems", "branin,branincurrin-noisy", str(BUNDLED_DATA / "suzuki"),
                  "--planners", "random,sobol,bo", "--seeds", "2", "--budget", "8", "--batch", "2",
                  "--initial", "4", "--out", str(out), "--quiet",
                  "--options", json.dumps({"bo": FAST})])
@@ -69,7 +68,7 @@ def test_tail_warp_is_monotone_and_inverts():
 
 
 def _pool_problem():
-    bp = parse_problem(str(SHARED_DATASETS / "buchwald_a"))
+    bp = parse_problem(str(BUNDLED_DATA / "buchwald_a"))
     assert bp.problem.pool is not None and len(bp.problem.pool) == 792
     return bp
 

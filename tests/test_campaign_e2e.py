@@ -14,8 +14,6 @@ from orchestrator.ledger import FINAL_STATES, Ledger, sqlite_url
 from planners import make_planner
 from planners.base import HistoryItem
 
-from .conftest import SHARED_DATASETS
-
 pytestmark = pytest.mark.usefixtures("prefect_api_url")
 
 BRANIN = """
@@ -53,18 +51,18 @@ planner: {name: bo, options: {initial_trials: 4, num_restarts: 2, raw_samples: 6
 instruments: [{name: bench, simulator: branincurrin, latency: 0.01, noise: 0.05}]
 """
 
-SUZUKI_TABLE = f"""
+SUZUKI_TABLE = """
 name: e2e-suzuki
 seed: 0
 parameters:
-  - {{name: temperature, type: float, lower: 75, upper: 90}}
-  - {{name: pd_mol, type: float, lower: 0.5, upper: 5.0}}
-  - {{name: arbpin, type: float, lower: 1.0, upper: 1.8}}
-  - {{name: k3po4, type: float, lower: 1.5, upper: 3.0}}
+  - {name: temperature, type: float, lower: 75, upper: 90}
+  - {name: pd_mol, type: float, lower: 0.5, upper: 5.0}
+  - {name: arbpin, type: float, lower: 1.0, upper: 1.8}
+  - {name: k3po4, type: float, lower: 1.5, upper: 3.0}
 objectives: [yield: maximize]
-budget: {{max_trials: 7}}
-planner: {{name: bo, options: {{initial_trials: 4, num_restarts: 2, raw_samples: 64}}}}
-instruments: [{{name: flow-reactor, dataset: {SHARED_DATASETS / 'suzuki'}, latency: 0.01}}]
+budget: {max_trials: 7}
+planner: {name: bo, options: {initial_trials: 4, num_restarts: 2, raw_samples: 64}}
+instruments: [{name: flow-reactor, dataset: suzuki, latency: 0.01}]
 """
 
 

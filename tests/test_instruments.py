@@ -5,7 +5,6 @@ RunEngine ready for the next trial; tables of real experiments answer with their
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,8 +18,8 @@ from instruments import (
     read_observation,
 )
 from simulators import Behaviour, ProblemError, load_problem, load_table, make_simulated_device
+from simulators.problems import BUNDLED_DATA
 
-SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"  # as in conftest.py
 SUZUKI_PARAMS = ["temperature", "pd_mol", "arbpin", "k3po4"]
 
 
@@ -185,10 +184,10 @@ def test_drift_adds_a_fixed_amount_per_measurement():
 
 
 # ---- tables of real experiments -----------------------------------------------------------
-@pytest.mark.parametrize("source", [str(SHARED_DATASETS / "suzuki"), "suzuki"], ids=["shared", "bundled"])
+@pytest.mark.parametrize("source", [str(BUNDLED_DATA / "suzuki"), "suzuki"], ids=["path", "name"])
 def test_table_problem_returns_the_measured_value_at_a_measured_row(source):
     problem = load_table(source)
-    table = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv")
+    table = pd.read_csv(BUNDLED_DATA / "suzuki" / "data.csv")
 
     assert [p.name for p in problem.parameters] == SUZUKI_PARAMS
     assert problem.outcomes == ["yield"]
@@ -199,8 +198,8 @@ def test_table_problem_returns_the_measured_value_at_a_measured_row(source):
 
 
 def test_table_problem_answers_a_point_between_rows_with_the_nearest_row():
-    problem = load_table(SHARED_DATASETS / "suzuki")
-    table = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv")
+    problem = load_table(BUNDLED_DATA / "suzuki")
+    table = pd.read_csv(BUNDLED_DATA / "suzuki" / "data.csv")
     row = table.iloc[100]
     near = {p: float(row[p]) for p in SUZUKI_PARAMS}
     near["temperature"] += 0.01  # a hair off the measured row (range 75..90)
@@ -210,8 +209,8 @@ def test_table_problem_answers_a_point_between_rows_with_the_nearest_row():
 
 
 def test_table_problem_with_categoricals_matches_the_row_with_those_choices():
-    problem = load_table(SHARED_DATASETS / "buchwald_a")
-    table = pd.read_csv(SHARED_DATASETS / "buchwald_a" / "data.csv")
+    problem = load_table(BUNDLED_DATA / "buchwald_a")
+    table = pd.read_csv(BUNDLED_DATA / "buchwald_a" / "data.csv")
     names = [p.name for p in problem.parameters]
     outcome = problem.outcomes[0]
 
@@ -223,7 +222,7 @@ def test_table_problem_with_categoricals_matches_the_row_with_those_choices():
 def test_table_device_run_through_the_runner_measures_the_rows_yield():
     problem = load_problem(dataset="suzuki")
     runner, _, _ = _runner(problem, name="flow-reactor")
-    row = pd.read_csv(SHARED_DATASETS / "suzuki" / "data.csv").iloc[42]
+    row = pd.read_csv(BUNDLED_DATA / "suzuki" / "data.csv").iloc[42]
 
     observation, _ = runner.run({p: float(row[p]) for p in SUZUKI_PARAMS}, {"trial_id": 42})
 

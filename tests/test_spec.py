@@ -11,9 +11,9 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.spec import CampaignError, SpecIssue, load_campaign, parse_campaign
 from planners.space import LinearConstraint
+from simulators.problems import BUNDLED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"  # as in conftest.py
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 # A small valid campaign on the Branin simulator (which measures 'y' from x1, x2).
@@ -445,26 +445,26 @@ def test_objective_shorthand_with_a_bad_goal_names_the_field():
     assert [i.path for i in info.value.issues] == ["objectives[0].goal"]
 
 
-def test_shared_dataset_folder_given_by_absolute_path_validates(write_campaign):
+def test_dataset_folder_given_by_absolute_path_validates(write_campaign):
     text = (
-        "name: suzuki-shared\n"
+        "name: suzuki-absolute\n"
         "parameters:\n"
         "  - {name: temperature, type: float, lower: 75, upper: 90}\n"
         "  - {name: pd_mol, type: float, lower: 0.5, upper: 5.0}\n"
         "  - {name: arbpin, type: float, lower: 1.0, upper: 1.8}\n"
         "  - {name: k3po4, type: float, lower: 1.5, upper: 3.0}\n"
         "objectives:\n  - yield: maximize\n"
-        f"instruments:\n  - {{name: flow, dataset: '{SHARED_DATASETS / 'suzuki'}'}}\n"
+        f"instruments:\n  - {{name: flow, dataset: '{BUNDLED_DATA / 'suzuki'}'}}\n"
     )
 
     spec = load_campaign(write_campaign(text))
 
-    assert spec.instruments[0].dataset == str(SHARED_DATASETS / "suzuki")
+    assert spec.instruments[0].dataset == str(BUNDLED_DATA / "suzuki")
     assert spec.outcome_names == ["yield"]
 
 
 def test_dataset_folder_is_found_relative_to_the_campaign_file(tmp_path):
-    shutil.copytree(SHARED_DATASETS / "suzuki", tmp_path / "tables" / "mine")
+    shutil.copytree(BUNDLED_DATA / "suzuki", tmp_path / "tables" / "mine")
     campaign = tmp_path / "campaign.yaml"
     campaign.write_text(
         "name: suzuki-relative\n"
