@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: checking a campaign file needs none
+    import torch
 
 
 class _Strict(BaseModel):
@@ -258,6 +260,8 @@ class SearchSpace(_Strict):
     # ---- encoding ----------------------------------------------------------
     def encode(self, points: list[dict[str, Any]]) -> torch.Tensor:
         """Parameters -> ``n x d`` tensor in the unit cube (double)."""
+        import torch
+
         X = torch.zeros(len(points), self.dim, dtype=torch.double)
         for i, point in enumerate(points):
             for p, sl in self.columns():
@@ -276,6 +280,8 @@ class SearchSpace(_Strict):
 
     def decode(self, X: torch.Tensor) -> list[dict[str, Any]]:
         """``n x d`` unit-cube tensor -> legal parameter values (rounded, snapped)."""
+        import torch
+
         out = []
         for row in X.detach().cpu().double():
             point: dict[str, Any] = {}
@@ -304,6 +310,8 @@ class SearchSpace(_Strict):
         Each is ``(indices, coefficients, rhs)`` meaning ``sum(coef * X[..., idx]) >= rhs``
         (or ``== rhs``), as ``optimize_acqf`` takes them.
         """
+        import torch
+
         cols = {p.name: (p, sl) for p, sl in self.columns()}
         ineq, eq = [], []
         for c in self.constraints:
