@@ -614,3 +614,38 @@ def test_planner_options_read_from_source_match_the_imported_signatures():
         expected = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else \
             [n for n in params if n not in ("self", "problem", "seed")]
         assert planner_options(name) == expected, name
+
+
+# ---- validating is light -----------------------------------------------------------------
+HEAVY = ("botorch", "gpytorch", "ax", "prefect", "bluesky", "ophyd", "scipy", "sqlalchemy")
+
+
+def _modules_after_validating(path: Path) -> set[str]:
+    """The top-level modules a fresh interpreter holds after ``labpilot validate path`` (exit 0)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom orchestrator.cli import main\n"
+            f"assert main(['validate', {str(path)!r}]) == 0\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split("\n")[-2].split())
+
+
+def test_validating_a_device_campaign_imports_no_planner_instrument_or_prefect_stack(write_campaign):
+    path = write_campaign(DEVICE.replace("FACTORY", "tests.lab_factories:bench")
+                          .replace("planner: {name: sobol}", "planner: {name: bo, options: {initial_trials: 4}}"))
+
+    loaded = _modules_after_validating(path)
+
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+@pytest.mark.xfail(strict=True, reason="planners/space.py imports torch at module level (the spec's "
+                                       "parameter types live there); it needs `import torch` inside the "
+                                       "methods that use it, a change for the planners' owners")
+def test_validating_a_device_campaign_does_not_import_torch(write_campaign):
+    path = write_campaign(DEVICE.replace("FACTORY", "tests.lab_factories:bench"))
+
+    assert "torch" not in _modules_after_validating(path)
