@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     output_dir.mkdir(parents=True, exist_ok=True)
     if spec.store:  # so that 'labpilot status DIR' and 'export DIR' find the campaign's own store
-        (output_dir / STORE_POINTER).write_text(json.dumps({"url": spec.store, "campaign": spec.name}))
+        (output_dir / STORE_POINTER).write_text(json.dumps({"url": spec.store}))
     _setup_logging(output_dir)
     try:
         from orchestrator.flows import CampaignRuntime, run_campaign

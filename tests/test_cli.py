@@ -186,7 +186,7 @@ def test_status_finds_the_store_a_run_noted_in_the_directory(tmp_path, screen):
     ledger.close()
     run = tmp_path / "run"
     run.mkdir()
-    (run / cli.STORE_POINTER).write_text(json.dumps({"url": url, "campaign": "noted"}))
+    (run / cli.STORE_POINTER).write_text(json.dumps({"url": url}))
 
     assert main(["status", str(run)]) == 0
     assert "campaign noted" in screen()
