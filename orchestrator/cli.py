@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.settings import Settings, configure_prefect_environment
 
@@ -32,12 +34,14 @@ def _print_campaign_error(exc: Exception) -> int:
     from orchestrator.spec import CampaignError
 
     if isinstance(exc, CampaignError):
-        err_console.print(f"[bold red]{exc.source}[/]: {len(exc.issues)} problem(s) in the campaign file")
+        # The messages quote the file ("got '[x]'"): shown as written, never read as markup.
+        err_console.print(Text.assemble((exc.source, "bold red"), f": {len(exc.issues)} problem(s) in the "
+                                        "campaign file"))
         for issue in exc.issues:
-            err_console.print(f"  [yellow]{issue.path or '<file>'}[/]: {issue.message}", markup=True,
+            err_console.print(Text.assemble("  ", (issue.path or "<file>", "yellow"), f": {issue.message}"),
                               soft_wrap=True)
     else:
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(Text.assemble(("error", "bold red"), f": {exc}"))
     return EXIT_BAD_INPUT
 
 
@@ -117,10 +121,10 @@ class TerminalProgress:
         if self.progress is not None:
             self.progress.update(self.task, advance=1 if state != "vetoed" else 0, best=self._best(runtime))
             if state != "completed":
-                self.progress.console.print(f"  trial {number} [red]{state}[/]: {info}")
+                self.progress.console.print(Text.assemble(f"  trial {number} ", (state, "red"), f": {info}"))
         else:
             console.print(f"trial {number:>3} {state:<9} {info}  best {self._best(runtime)}  "
-                          f"{_model_line(runtime)}")
+                          f"{_model_line(runtime)}", markup=False)
 
     def finished(self, runtime, result) -> None:  # noqa: ANN001
         self._stop.set()
@@ -154,6 +158,7 @@ def _setup_logging(output_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.ledger import sqlite_url
     from orchestrator.prefect_api import PrefectAPI
     from orchestrator.spec import CampaignError, load_campaign
 
@@ -168,9 +173,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output or spec.output or Path(settings.runs_dir) / spec.name)
     if args.fresh and output_dir.exists():
         for f in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "trials.csv", "summary.json",
-                  "campaign.log"):
+                  "campaign.log", STORE_POINTER):
             (output_dir / f).unlink(missing_ok=True)
+    clash = _campaign_clash(spec, output_dir, settings)
+    if clash:
+        api.stop_when_ready()
+        err_console.print(f"[bold red]error[/]: {escape(clash)}")
+        return EXIT_BAD_INPUT
     output_dir.mkdir(parents=True, exist_ok=True)
+    if spec.store:  # so that 'labpilot status DIR' and 'export DIR' find the campaign's own store
+        (output_dir / STORE_POINTER).write_text(json.dumps({"url": spec.store}))
     _setup_logging(output_dir)
     try:
         from orchestrator.flows import CampaignRuntime, run_campaign
@@ -197,7 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         runtime.ledger.close()
         return EXIT_INTERRUPTED
     total = time.perf_counter() - t0
-    export_path = _export(runtime.ledger, runtime.campaign_id, output_dir, "csv")
+    own = None if runtime.ledger.url == sqlite_url(output_dir) else spec.name  # a shared store: per campaign
+    export_path = _export(runtime.ledger, runtime.campaign_id, output_dir, "csv", own)
     timing = {
         "total_seconds": total,
         "setup_seconds": t_setup,
@@ -210,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "overhead_per_trial_seconds": sum(result.timings["overhead"]) / max(1, len(result.timings["instrument"])),
     }
     _print_summary(runtime, result, export_path, timing)
-    (output_dir / "summary.json").write_text(json.dumps(
+    (output_dir / (f"summary-{own}.json" if own else "summary.json")).write_text(json.dumps(
         {"campaign": spec.name, "status": result.status, "reason": result.reason, "counts": result.counts,
          "best_value": result.best.value, "best_parameters": result.best.parameters,
          "hypervolume": result.best.hypervolume, "timing": timing}, indent=2, default=str))
@@ -234,45 +247,50 @@ def _median(v: list[float]) -> float | None:
 
 def _print_summary(runtime, result, export_path: Path, timing: dict[str, Any]) -> None:  # noqa: ANN001
     spec = runtime.spec
-    table = Table(title=f"campaign {spec.name}: {result.status} ({result.reason})", show_header=False)
+    # Every value is ledger or device text (a reason, a categorical choice): Text, never markup.
+    table = Table(title=Text(f"campaign {spec.name}: {result.status} ({result.reason})"), show_header=False)
     table.add_column(style="bold")
     table.add_column()
+
+    def row(key: str, value: str) -> None:
+        table.add_row(key, Text(value))
+
     c = result.counts
-    table.add_row("trials", f"{c['completed']} completed, {c['failed']} failed, {c['vetoed']} vetoed, "
-                            f"{c['abandoned']} abandoned")
+    row("trials", f"{c['completed']} completed, {c['failed']} failed, {c['vetoed']} vetoed, "
+                  f"{c['abandoned']} abandoned")
     best = result.best
     optimum = _known_optimum(spec)
     if best.value is not None:
         o = spec.objectives[0]
-        table.add_row("best value", f"{o.name} = {best.value:.6g} ({o.goal})")
-        table.add_row("best parameters", ", ".join(f"{k}={_fmt(v)}" for k, v in best.parameters.items()))
+        row("best value", f"{o.name} = {best.value:.6g} ({o.goal})")
+        row("best parameters", ", ".join(f"{k}={_fmt(v)}" for k, v in best.parameters.items()))
         if o.name in optimum:
-            table.add_row("known optimum", f"{optimum[o.name]:.6g}; simple regret "
-                                           f"{abs(best.value - optimum[o.name]):.4g}")
+            row("known optimum", f"{optimum[o.name]:.6g}; simple regret "
+                                 f"{abs(best.value - optimum[o.name]):.4g}")
     elif best.hypervolume is not None:
-        table.add_row("Pareto front", f"{len(best.pareto)} trials")
-        table.add_row("hypervolume", f"{best.hypervolume:.4g}"
-                      + (f" of {optimum['hypervolume']:.4g} possible" if "hypervolume" in optimum else ""))
+        row("Pareto front", f"{len(best.pareto)} trials")
+        row("hypervolume", f"{best.hypervolume:.4g}"
+            + (f" of {optimum['hypervolume']:.4g} possible" if "hypervolume" in optimum else ""))
     else:
-        table.add_row("best value", "none yet (no completed trial)")
+        row("best value", "none yet (no completed trial)")
     models = runtime.ledger.model_versions(runtime.campaign_id)
     if models:
         last = models[-1]
         cover = (last.calibration or {}).get("overall", {})
         lat = sorted(m.metrics.get("latency_from_stop", 0.0) for m in models)
-        table.add_row("surrogate models",
-                      f"{len(models)} versions; newest {last.label} on {last.n_points} results "
-                      f"(saved {Path(last.path).name}); result -> new version median {_s(lat[len(lat) // 2])}"
-                      + (f"; 95% interval coverage {cover['coverage_95']:.0%} over the last {cover['count']} "
-                         "results" if cover.get("coverage_95") is not None else ""))
-    table.add_row("ledger", str(runtime.ledger.url))
-    table.add_row("export", str(export_path))
-    table.add_row("time", f"{timing['total_seconds']:.1f} s in all; Prefect API ready at "
-                          f"{timing['prefect_ready_after_seconds']:.1f} s "
-                          f"({'temporary server' if timing['prefect_started_server'] else 'existing server'}); "
-                          f"median planner {_s(timing['median_propose_seconds'])}, instrument "
-                          f"{_s(timing['median_instrument_seconds'])}, orchestration "
-                          f"{_s(timing['overhead_per_trial_seconds'])} per trial")
+        row("surrogate models",
+            f"{len(models)} versions; newest {last.label} on {last.n_points} results "
+            f"(saved {Path(last.path).name}); result -> new version median {_s(lat[len(lat) // 2])}"
+            + (f"; 95% interval coverage {cover['coverage_95']:.0%} over the last {cover['count']} "
+               "results" if cover.get("coverage_95") is not None else ""))
+    row("ledger", str(runtime.ledger.url))
+    row("export", str(export_path))
+    row("time", f"{timing['total_seconds']:.1f} s in all; Prefect API ready at "
+                f"{timing['prefect_ready_after_seconds']:.1f} s "
+                f"({'temporary server' if timing['prefect_started_server'] else 'existing server'}); "
+                f"median planner {_s(timing['median_propose_seconds'])}, instrument "
+                f"{_s(timing['median_instrument_seconds'])}, orchestration "
+                f"{_s(timing['overhead_per_trial_seconds'])} per trial")
     console.print(table)
 
 
@@ -294,44 +312,176 @@ def _known_optimum(spec) -> dict[str, float]:  # noqa: ANN001
 
 
 # ---- status and export -----------------------------------------------------------
-def _open_ledger(directory: str):  # noqa: ANN202
-    from orchestrator.ledger import Ledger, sqlite_url
+STORE_POINTER = "ledger.json"  # in a campaign directory whose ledger is the campaign's own store: URL
+
+
+def _ledger_url(directory: str | Path, store: str | None = None) -> str:
+    """Where the ledger of a campaign directory is: ``--store``, else the campaign's ``store:``
+    that ``labpilot run`` noted in DIR/ledger.json, else ``LABPILOT_LEDGER_URL``, else
+    DIR/ledger.sqlite."""
+    from orchestrator.ledger import sqlite_url
 
     d = Path(directory)
+    if store:
+        return store
+    if (d / STORE_POINTER).is_file():
+        try:
+            return json.loads((d / STORE_POINTER).read_text())["url"]
+        except (ValueError, KeyError, TypeError):
+            raise FileNotFoundError(f"{d / STORE_POINTER} is not the note 'labpilot run' writes; give the "
+                                    "ledger with --store URL") from None
+    if Settings().ledger_url:
+        return Settings().ledger_url
     if not (d / "ledger.sqlite").is_file():
         raise FileNotFoundError(f"{d} holds no ledger.sqlite; give the directory a 'labpilot run' wrote "
-                                "(its --output)")
-    return Ledger(sqlite_url(d))
+                                "(its --output), or the ledger with --store URL")
+    return sqlite_url(d)
+
+
+def _open_ledger(directory: str, store: str | None = None):  # noqa: ANN202
+    from orchestrator.ledger import Ledger
+
+    return Ledger(_ledger_url(directory, store))
+
+
+def _is_shared(ledger, directory: str | Path) -> bool:  # noqa: ANN001
+    """A ledger other than DIR/ledger.sqlite is a store several campaigns may share."""
+    from orchestrator.ledger import sqlite_url
+
+    return ledger.url != sqlite_url(directory)
+
+
+def _choose_campaign(ledger, name: str | None):  # noqa: ANN001, ANN202
+    """The campaign called ``name``, or the ledger's only one; ``LookupError`` saying what to pass."""
+    if name:
+        return ledger.campaign_by_name(name)
+    held = ledger.campaigns()
+    if not held:
+        raise LookupError("the ledger holds no campaign; run one first with 'labpilot run FILE'")
+    if len(held) > 1:
+        raise LookupError(f"the ledger holds {len(held)} campaigns: {', '.join(c.name for c in held)}; "
+                          "choose one with --campaign NAME")
+    return held[0]
+
+
+def _open_campaign(args: argparse.Namespace):  # noqa: ANN202
+    ledger = _open_ledger(args.dir, args.store)
+    try:
+        return ledger, _choose_campaign(ledger, args.campaign)
+    except LookupError:
+        ledger.close()
+        raise
+
+
+def _short(v: Any) -> str:
+    """A number as short as it reads (4 significant digits), anything else as text."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _trial_cells(t) -> dict[str, str]:  # noqa: ANN001
+    p = t.proposal
+    return {"trial": str(t.number), "state": t.state, "instrument": t.instrument or "",
+            "planner": p.planner if p else "", "model": (p.model_version or "") if p else "",
+            "unseen": _short(p.model_unseen) if p else "", "ood": _short(p.ood_score) if p else "",
+            "reason": t.reason or ""}
+
+
+def _status_table(campaign, trials: list, width: int):  # noqa: ANN001, ANN202
+    """The trials as a table with a column per parameter and outcome, or, where that does not fit
+    in ``width`` columns, a block per trial. Ledger text (reasons, names, choices) is shown as
+    written, never read as rich markup."""
+    from rich.console import Group
+    from rich.text import Text
+
+    params = list(dict.fromkeys(k for t in trials for k in t.parameters))
+    outcomes = list(dict.fromkeys(k for t in trials for k in (t.observation.values if t.observation else {})))
+    cells = [_trial_cells(t) for t in trials]
+    for c, t in zip(cells, trials, strict=True):
+        c.update({f"p:{k}": _short(v) for k, v in t.parameters.items()})
+        c.update({f"o:{k}": _short(v) for k, v in (t.observation.values if t.observation else {}).items()})
+    # A column that says the same of every trial (one instrument, one planner) goes in the title.
+    same = {k: cells[0][k] for k in ("instrument", "planner") if cells and len({c[k] for c in cells}) == 1}
+    keys = ["trial", "state", *(k for k in ("instrument", "planner") if k not in same),
+            *(f"p:{k}" for k in params), *(f"o:{k}" for k in outcomes),
+            *(k for k in ("model", "unseen", "ood") if any(c[k] for c in cells))]
+    title = Text(f"campaign {campaign.name}: {campaign.status}"
+                 + (f" ({campaign.stop_reason})" if campaign.stop_reason else "")
+                 + "".join(f"; {k} {v}" for k, v in same.items() if v))
+
+    def header(k: str) -> str:
+        return k.split(":", 1)[-1]
+
+    widths = {k: max([len(header(k))] + [len(c.get(k, "")) for c in cells]) for k in keys}
+    base = sum(widths.values()) + 3 * len(keys) + 1  # box borders and padding: 3 a column, and one
+    reason_width = max([len(c["reason"]) for c in cells] + [6])
+    if base <= width:
+        # Reasons in a column where they fit (folded from 20 wide); else listed under the table.
+        # A completed trial's reason is always 'measured': the list leaves it out.
+        in_column = base + 3 + min(reason_width, 20) <= width
+        table = Table(title=title)
+        for k in keys:
+            table.add_column(Text(header(k)), no_wrap=True,
+                             justify="right" if k.startswith(("p:", "o:")) or k in ("trial", "unseen", "ood")
+                             else "left", style="cyan" if k.startswith("o:") else None)
+        if in_column:
+            table.add_column("reason", overflow="fold", min_width=min(reason_width, 20))
+        for c in cells:
+            table.add_row(*(Text(c.get(k, "")) for k in keys), *([Text(c["reason"])] if in_column else []))
+        notes = [] if in_column else [Text(f"trial {c['trial']} {c['state']}: {c['reason']}")
+                                      for c in cells if c["reason"] and c["state"] != "completed"]
+        return Group(table, *notes)
+    blocks: list = [Text(title.plain, style="bold")]
+    for c in cells:
+        head = [f"trial {c['trial']}", c["state"], *(c[k] for k in ("instrument", "planner") if k not in same),
+                *(f"{k} {c[k]}" for k in ("model", "unseen", "ood") if c[k])]
+        measured = [f"{k}={c[f'o:{k}']}" for k in outcomes if f"o:{k}" in c]
+        blocks += _wrapped([h for h in head if h], width, "")
+        blocks += _wrapped([f"{k}={c[f'p:{k}']}" for k in params if f"p:{k}" in c], width, "  ")
+        blocks += _wrapped(measured, width, "  -> ", style="cyan") if measured else []
+        if c["reason"]:
+            blocks.append(Text(f"  reason: {c['reason']}"))
+    return Group(*blocks)
+
+
+def _wrapped(items: list[str], width: int, indent: str, style: str = ""):  # noqa: ANN202
+    """``items`` two spaces apart, on as few lines of ``width`` as they fill, each line indented
+    (an item is never split; one wider than a line gets a line of its own)."""
+    from rich.text import Text
+
+    lines, line = [], ""
+    for item in items:
+        if line and len(indent) + len(line) + 2 + len(item) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line}  {item}" if line else item
+    lines.append(line)
+    pad = " " * len(indent)
+    return [Text((indent if i == 0 else pad) + text, style=style) for i, text in enumerate(lines)]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
     try:
-        ledger = _open_ledger(args.dir)
-        campaign = ledger.campaign()
+        ledger, campaign = _open_campaign(args)
     except (FileNotFoundError, LookupError) as exc:
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(Text.assemble(("error", "bold red"), f": {exc}"))
         return EXIT_BAD_INPUT
-    trials = ledger.trials(campaign.id)
-    table = Table(title=f"campaign {campaign.name}: {campaign.status}"
-                        + (f" ({campaign.stop_reason})" if campaign.stop_reason else ""))
-    for col in ("trial", "state", "instrument", "planner", "model"):
-        table.add_column(col, no_wrap=True)  # short, and never worth truncating
-    for col in ("parameters", "outcomes", "reason"):
-        table.add_column(col, overflow="fold")
-    for t in trials:
-        outcomes = ", ".join(f"{k}={_fmt(v)}" for k, v in (t.observation.values if t.observation else {}).items())
-        table.add_row(str(t.number), t.state, t.instrument or "", t.proposal.planner if t.proposal else "",
-                      (t.proposal.model_version or "") if t.proposal else "",
-                      ", ".join(f"{k}={_fmt(v)}" for k, v in t.parameters.items()), outcomes, t.reason or "")
-    console.print(table)
+    console.print(_status_table(campaign, ledger.trials(campaign.id), console.width))
     counts = ledger.counts(campaign.id)
-    console.print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    console.print(f"{sum(counts.values())} trials: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+                  markup=False)
+    ledger.close()
     return EXIT_OK
 
 
-def _export(ledger, campaign_id: int, directory: Path, fmt: str) -> Path:  # noqa: ANN001
+def _export(ledger, campaign_id: int, directory: Path, fmt: str, name: str | None = None) -> Path:  # noqa: ANN001
+    """Write the campaign's trials into ``directory``: ``trials.FMT``, or ``trials-NAME.FMT``
+    where ``name`` is given (a shared store: several campaigns may write into one directory)."""
     frame = ledger.trials_frame(campaign_id)
-    path = Path(directory) / f"trials.{fmt}"
+    path = Path(directory) / (f"trials-{name}.{fmt}" if name else f"trials.{fmt}")
     if fmt == "csv":
         frame.to_csv(path, index=False)
     else:
@@ -343,15 +493,40 @@ def _export(ledger, campaign_id: int, directory: Path, fmt: str) -> Path:  # noq
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
     try:
-        ledger = _open_ledger(args.dir)
-        campaign = ledger.campaign()
+        ledger, campaign = _open_campaign(args)
     except (FileNotFoundError, LookupError) as exc:
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(Text.assemble(("error", "bold red"), f": {exc}"))
         return EXIT_BAD_INPUT
-    path = _export(ledger, campaign.id, Path(args.dir), args.format)
-    console.print(f"wrote {path} ({len(ledger.trials(campaign.id))} trials)")
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    path = _export(ledger, campaign.id, Path(args.dir), args.format,
+                   campaign.name if _is_shared(ledger, args.dir) else None)
+    console.print(f"wrote {path} ({len(ledger.trials(campaign.id))} trials)", markup=False)
+    ledger.close()
     return EXIT_OK
+
+
+def _campaign_clash(spec, output_dir: Path, settings: Settings) -> str | None:  # noqa: ANN001
+    """Why ``spec`` must not run into ``output_dir``: a directory's own ledger belongs to one
+    campaign (its exports and summary would be overwritten). ``None`` when it may; a shared
+    store (``store:`` or ``LABPILOT_LEDGER_URL``) holds several, and their files are named
+    per campaign."""
+    from orchestrator.ledger import Ledger, sqlite_url
+
+    if spec.store or settings.ledger_url or not (output_dir / "ledger.sqlite").is_file():
+        return None
+    ledger = Ledger(sqlite_url(output_dir))
+    try:
+        others = [c.name for c in ledger.campaigns() if c.name != spec.name]
+    finally:
+        ledger.close()
+    if not others:
+        return None
+    return (f"{output_dir} holds campaign {', '.join(map(repr, others))}, and this file is campaign "
+            f"{spec.name!r}; a directory holds one campaign: give this one its own with --output DIR "
+            "(or output: in the file), or run it with a shared store: URL")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -407,7 +582,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     try:
         proxy = Proxy(args.publish, args.subscribe).start()
     except StreamError as exc:
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}")
         return EXIT_BAD_INPUT
     console.print(f"stream proxy: publishers connect to [bold]{proxy.publish_address}[/], subscribers to "
                   f"[bold]{proxy.subscribe_address}[/]\n  export LABPILOT_STREAM_PUBLISH={proxy.publish_address}"
@@ -438,7 +613,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
         ledger = _open_ledger(args.dir) if not settings.ledger_url else _ledger_from_url(settings.ledger_url)
         campaign = ledger.campaign()
     except (FileNotFoundError, LookupError) as exc:
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}")
         return EXIT_BAD_INPUT
     spec = CampaignSpec.model_validate(campaign.spec)
     publisher = Publisher(settings.stream_publish, name=f"trainer-{campaign.id}")
@@ -460,7 +635,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     except StreamError as exc:
         subscriber.close()
         publisher.close()
-        err_console.print(f"[bold red]error[/]: {exc}")
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}")
         return EXIT_BAD_INPUT
     listener = feed_trainer(trainer, ledger, campaign.id, subscriber)
     stop = threading.Event()
@@ -503,9 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("status", help="table of a campaign's trials and their states")
     p.add_argument("dir", help="campaign directory")
+    _campaign_options(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("export", help="write trials.csv or trials.parquet into the campaign directory")
     p.add_argument("dir", help="campaign directory")
+    _campaign_options(p)
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="run planners side by side on problems with paired seeds")
@@ -532,6 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _campaign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--campaign", metavar="NAME", help="the campaign to show, where the ledger holds several")
+    p.add_argument("--store", metavar="URL", help="the ledger's SQLAlchemy URL (default: the campaign's "
+                                                  "store:, else LABPILOT_LEDGER_URL, else DIR/ledger.sqlite)")
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_prefect_environment()
     parser = build_parser()
@@ -543,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as exc:  # an unexpected failure: say so plainly, keep the trace in the log
         logging.getLogger("labpilot").exception("labpilot %s failed", args.command)
-        err_console.print(f"[bold red]labpilot {args.command} failed[/]: {type(exc).__name__}: {exc}")
+        err_console.print(f"[bold red]labpilot {args.command} failed[/]: {type(exc).__name__}: {escape(str(exc))}")
         return EXIT_FAILURE
 
 

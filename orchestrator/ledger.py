@@ -256,6 +256,20 @@ class Ledger:
                 raise LookupError("the ledger holds no campaign; run one first with 'labpilot run FILE'")
             return row
 
+    def campaigns(self) -> list[CampaignRow]:
+        """Every campaign the ledger holds, oldest first (a shared store holds several)."""
+        with self._sessions() as s:
+            return list(s.scalars(select(CampaignRow).order_by(CampaignRow.id)))
+
+    def campaign_by_name(self, name: str) -> CampaignRow:
+        """The campaign called ``name``; ``LookupError`` naming the ones the ledger holds if none is."""
+        with self._sessions() as s:
+            row = s.scalar(select(CampaignRow).where(CampaignRow.name == name))
+        if row is None:
+            held = [c.name for c in self.campaigns()]
+            raise LookupError(f"the ledger holds no campaign {name!r}; it holds {held or 'none'}")
+        return row
+
     def finish_campaign(self, campaign_id: int, status: str, reason: str) -> None:
         with self._write() as s:
             row = s.get(CampaignRow, campaign_id)

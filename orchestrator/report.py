@@ -23,6 +23,9 @@ class Best:
     outcomes: dict[str, float] = field(default_factory=dict)
     pareto: list[HistoryItem] = field(default_factory=list)
     hypervolume: float | None = None
+    #: the hypervolume's reference point, in measured units: the one given, else the inferred one
+    #: mapped back (for a ``target`` goal, the value above the target at the limiting distance;
+    #: the value as far below it is equally good)
     reference_point: list[float] | None = None
 
 
@@ -57,6 +60,15 @@ def best_so_far(history: list[HistoryItem], objectives: list[Objective],
         ref = infer_reference_point(U[mask])
     hv = Hypervolume(ref_point=ref).compute(U[mask][(U[mask] > ref).all(dim=-1)]) \
         if (U[mask] > ref).all(dim=-1).any() else 0.0
-    return Best(pareto=pareto, hypervolume=float(hv),
-                reference_point=[float(o.utility(r)) * (1 if o.goal == "maximize" else -1)
-                                 for o, r in zip(objectives, ref.tolist(), strict=True)])
+    measured_ref = [float(r) for r in reference_point] if reference_point is not None else \
+        [_measured(o, u) for o, u in zip(objectives, ref.tolist(), strict=True)]
+    return Best(pareto=pareto, hypervolume=float(hv), reference_point=measured_ref)
+
+
+def _measured(o: Objective, u: float) -> float:
+    """The measured value whose utility is ``u`` (for a target: the one above the target)."""
+    if o.goal == "maximize":
+        return u
+    if o.goal == "minimize":
+        return -u
+    return float(o.target) + abs(u)

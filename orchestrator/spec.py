@@ -1,13 +1,17 @@
 """The campaign file: ``CampaignSpec`` (pydantic v2), loaded from YAML with errors a person can act on.
 
-Every problem in the fields of a file is reported at once, each with its path
-in the file (``instruments[0].timeout``) and what to write instead; the checks
-that compare fields with each other (an objective no instrument measures) run
-once the fields themselves are valid.
+Every problem in a file is reported at once, each with its path in the file
+(``instruments[0].timeout``) and what to write instead: the checks that compare
+fields with each other (an objective no instrument measures) run on whatever
+validated, alongside the errors of the fields that did not.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,6 +36,24 @@ from planners.space import (
     Parameter,
     SearchSpace,
 )
+
+
+def _objectives_shorthand(v: Any) -> Any:
+    """Objectives as written: ``- yield: maximize`` items, or one mapping ``{yield: maximize, cost: minimize}``."""
+    if v is None:
+        return []
+    if isinstance(v, dict) and "name" not in v:
+        v = [{k: g} for k, g in v.items()]
+    if not isinstance(v, list):
+        return v
+    out = []
+    for o in v:
+        if isinstance(o, dict) and len(o) == 1 and "name" not in o:
+            (name, goal), = o.items()
+            out.append({"name": name, "goal": goal})
+        else:
+            out.append(o)
+    return out
 
 
 def _constraint_item(c: Any) -> Any:
@@ -159,17 +182,7 @@ class CampaignSpec(_Spec):
     @field_validator("objectives", mode="before")
     @classmethod
     def _parse_objectives(cls, v: Any) -> Any:
-        # Shorthand: "- yield: maximize" items, or one mapping {yield: maximize, cost: minimize}.
-        if isinstance(v, dict) and "name" not in v:
-            v = [{k: g} for k, g in v.items()]
-        out = []
-        for o in v or []:
-            if isinstance(o, dict) and len(o) == 1 and "name" not in o:
-                (name, goal), = o.items()
-                out.append({"name": name, "goal": goal})
-            else:
-                out.append(o)
-        return out
+        return _objectives_shorthand(v)
 
     # ---- derived ----------------------------------------------------------
     def search_space(self) -> SearchSpace:
@@ -336,48 +349,114 @@ def _issues_from_validation(err: ValidationError) -> list[SpecIssue]:
     return issues
 
 
-def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[SpecIssue]:
-    """Checks that span fields: names that must agree across the file."""
-    from simulators.problems import ProblemError, load_problem
+@dataclass
+class _Fields:
+    """What the cross-field checks read. Built from a valid ``CampaignSpec``, or from a file
+    whose fields did not all validate: each part, and each item of a list, is validated alone,
+    and a part that fails is ``None`` (its problem is already reported), so one bad field hides
+    no other problem. Names are kept as written even where the rest of their item is bad, so
+    that a constraint on a parameter with a bad bound is not also called unknown."""
 
-    issues: list[SpecIssue] = []
-    issues += _check_planner_options(spec.planner)
-    names = [p.name for p in spec.parameters]
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            issues.append(SpecIssue(f"parameters[{i}].name", f"{n!r} is used twice; rename one"))
-    by_name = {p.name: p for p in spec.parameters}
-    for i, c in enumerate(spec.constraints):
-        for n in c.coefficients:
-            if n not in by_name:
-                issues.append(SpecIssue(f"constraints[{i}]",
-                                        f"names unknown parameter {n!r}; known parameters: {names}"))
-            elif by_name[n].type != "float" or getattr(by_name[n], "log_scale", False):
-                issues.append(SpecIssue(f"constraints[{i}]",
-                                        f"{n!r} is not a linear-scale float; linear constraints take "
-                                        "float parameters without log_scale"))
-    for where, rules in (("safety.rules", spec.safety.rules),):
-        for i, c in enumerate(rules):
-            for n in c.coefficients:
-                if n not in by_name:
-                    issues.append(SpecIssue(f"{where}[{i}]", f"names unknown parameter {n!r}; known: {names}"))
-    for n, lim in spec.safety.limits.items():
-        if n not in by_name:
-            issues.append(SpecIssue(f"safety.limits.{n}", f"unknown parameter {n!r}; known: {names}"))
-        elif lim.min is not None and lim.max is not None and lim.min > lim.max:
-            issues.append(SpecIssue(f"safety.limits.{n}", f"min {lim.min} is above max {lim.max}; swap them"))
-    objective_names = [o.name for o in spec.objectives]
-    for i, n in enumerate(objective_names):
-        if n in objective_names[:i]:
-            issues.append(SpecIssue(f"objectives[{i}].name", f"objective {n!r} is listed twice"))
+    parameters: list[Parameter | None]
+    parameter_names: list[str | None] | None  # None: 'parameters' is not even a list
+    constraints: list[LinearConstraint | None]
+    objectives: list[Objective | None]
+    objective_names: list[str | None]
+    outcome_constraints: list[OutcomeConstraint | None]
+    planner: PlannerSpec | None
+    instruments: list[InstrumentSpec | None]
+    instrument_names: list[str | None]
+    safety_limits: dict[str, SafetyLimit | None]
+    safety_rules: list[LinearConstraint | None]
+
+    @classmethod
+    def of(cls, spec: CampaignSpec) -> _Fields:
+        return cls(list(spec.parameters), [p.name for p in spec.parameters], list(spec.constraints),
+                   list(spec.objectives), [o.name for o in spec.objectives], list(spec.outcome_constraints),
+                   spec.planner, list(spec.instruments), [i.name for i in spec.instruments],
+                   dict(spec.safety.limits), list(spec.safety.rules))
+
+    @classmethod
+    def partial(cls, data: dict[str, Any]) -> _Fields:
+        def items(raw: Any, kind: Any) -> list[Any]:
+            return [_valid(kind, item) for item in raw] if isinstance(raw, list) else []
+
+        def names(raw: Any) -> list[str | None]:
+            return [item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
+                    for item in raw] if isinstance(raw, list) else []
+
+        objectives = _objectives_shorthand(data.get("objectives"))
+        safety = data.get("safety") if isinstance(data.get("safety"), dict) else {}
+        limits = safety.get("limits") if isinstance(safety.get("limits"), dict) else {}
+        parameters = data.get("parameters")
+        return cls(
+            parameters=items(parameters, Parameter),
+            parameter_names=names(parameters) if isinstance(parameters, list) else None,
+            constraints=items(data.get("constraints"), Constraint),
+            objectives=items(objectives, Objective),
+            objective_names=names(objectives),
+            outcome_constraints=items(data.get("outcome_constraints"), OutcomeBound),
+            planner=_valid(PlannerSpec, data.get("planner", {})),
+            instruments=items(data.get("instruments"), InstrumentSpec),
+            instrument_names=names(data.get("instruments")),
+            safety_limits={str(k): _valid(SafetyLimit, v) for k, v in limits.items()},
+            safety_rules=items(safety.get("rules"), Constraint),
+        )
+
+
+def _valid(kind: Any, value: Any) -> Any:
+    """``value`` validated as ``kind``, or ``None`` where it is not valid."""
     try:
-        SearchSpace(parameters=spec.parameters, constraints=[])
-    except ValidationError:
-        pass  # already reported per parameter
-    needed = spec.outcome_names
-    for i, inst in enumerate(spec.instruments):
+        return TypeAdapter(kind).validate_python(value)
+    except (ValidationError, ValueError, TypeError):
+        return None
+
+
+def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -> list[SpecIssue]:
+    """Checks that span fields: names that must agree across the file, planner options, and
+    that each instrument's simulator, dataset or device factory exists."""
+    f = spec if isinstance(spec, _Fields) else _Fields.of(spec)
+    issues: list[SpecIssue] = []
+    if f.planner is not None:
+        issues += _check_planner_options(f.planner)
+    names = f.parameter_names
+    known = [n for n in names or [] if n is not None]
+    for i, n in enumerate(names or []):
+        if n is not None and n in names[:i]:
+            issues.append(SpecIssue(f"parameters[{i}].name", f"{n!r} is used twice; rename one"))
+    by_name = {p.name: p for p in f.parameters if p is not None}
+    if names is not None:
+        for i, c in enumerate(f.constraints):
+            for n in c.coefficients if c is not None else ():
+                if n not in known:
+                    issues.append(SpecIssue(f"constraints[{i}]",
+                                            f"names unknown parameter {n!r}; known parameters: {known}"))
+                elif n in by_name and (by_name[n].type != "float" or getattr(by_name[n], "log_scale", False)):
+                    issues.append(SpecIssue(f"constraints[{i}]",
+                                            f"{n!r} is not a linear-scale float; linear constraints take "
+                                            "float parameters without log_scale"))
+        for i, c in enumerate(f.safety_rules):
+            for n in c.coefficients if c is not None else ():
+                if n not in known:
+                    issues.append(SpecIssue(f"safety.rules[{i}]", f"names unknown parameter {n!r}; known: {known}"))
+        for n, lim in f.safety_limits.items():
+            if n not in known:
+                issues.append(SpecIssue(f"safety.limits.{n}", f"unknown parameter {n!r}; known: {known}"))
+            elif lim is not None and lim.min is not None and lim.max is not None and lim.min > lim.max:
+                issues.append(SpecIssue(f"safety.limits.{n}", f"min {lim.min} is above max {lim.max}; swap them"))
+    objective_names = f.objective_names
+    for i, n in enumerate(objective_names):
+        if n is not None and n in objective_names[:i]:
+            issues.append(SpecIssue(f"objectives[{i}].name", f"objective {n!r} is listed twice"))
+    needed = [n for n in objective_names if n is not None]
+    needed += [c.name for c in f.outcome_constraints if c is not None and c.name not in needed]
+    for i, inst in enumerate(f.instruments):
+        if inst is None:
+            continue
         where = f"instruments[{i}]"
         if inst.simulator or inst.dataset:
+            from simulators.problems import ProblemError, load_problem
+
             dataset = inst.dataset
             if dataset and base_dir is not None and not Path(dataset).is_absolute() \
                     and (base_dir / dataset).exists():
@@ -394,9 +473,9 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
                 issues.append(SpecIssue(f"{where}.outcomes", f"{unknown} are not measured by "
                                         f"{sim.name}; it measures {sim.outcomes}"))
             sim_params = [p.name for p in sim.parameters]
-            missing = [p for p in sim_params if p not in by_name]
-            extra = [p for p in names if p not in sim_params]
-            if missing or extra:
+            missing = [p for p in sim_params if p not in known]
+            extra = [p for p in known if p not in sim_params]
+            if names is not None and None not in names and (missing or extra):
                 issues.append(SpecIssue("parameters", f"instrument {inst.name!r} ({sim.name}) takes "
                                         f"parameters {sim_params}; the campaign "
                                         + (f"lacks {missing}" if missing else "")
@@ -404,6 +483,7 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
                                         + (f"has unknown {extra}" if extra else "")))
         else:
             measured = inst.outcomes or []
+            issues += _check_device(f"{where}.device", inst.device or "")
         for n in needed:
             if n not in measured:
                 kind = "objective" if n in objective_names else "outcome constraint"
@@ -412,27 +492,129 @@ def check_campaign(spec: CampaignSpec, base_dir: Path | None = None) -> list[Spe
                     else "outcome_constraints",
                     f"{kind} {n!r} is not measured by instrument {inst.name!r}, which measures "
                     f"{measured}; name one of those or add an instrument that measures {n!r}"))
-    if not issues:
+    if not issues and isinstance(spec, CampaignSpec):  # only on a file that is otherwise sound
         issues += _check_pool(spec)
-    inst_names = [inst.name for inst in spec.instruments]
+    inst_names = f.instrument_names
     for i, n in enumerate(inst_names):
-        if n in inst_names[:i]:
+        if n is not None and n in inst_names[:i]:
             issues.append(SpecIssue(f"instruments[{i}].name", f"instrument name {n!r} is used twice"))
     return issues
 
 
 def _check_planner_options(planner: PlannerSpec) -> list[SpecIssue]:
-    import importlib
-    import inspect
-
-    module, cls = PLANNERS[planner.name].split(":")
-    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
-    known = [n for n in params if n not in ("self", "problem", "seed")]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    options = planner_options(planner.name)
+    if options is None:  # it takes any keyword
         return []
     return [SpecIssue(f"planner.options.{k}", f"planner {planner.name!r} has no option {k!r}; "
-                      f"its options are {known or 'none'}")
-            for k in planner.options if k not in known]
+                      f"its options are {options or 'none'}")
+            for k in planner.options if k not in options]
+
+
+def planner_options(name: str) -> list[str] | None:
+    """The options (keyword arguments) a planner takes; ``None`` when it takes any keyword.
+
+    Read from the planner's source where it defines ``__init__`` itself, so that checking a
+    file does not import torch, BoTorch or Ax; otherwise from the imported class.
+    """
+    module, cls = PLANNERS[name].split(":")
+    init = _source_init(module, cls)
+    if init is not None:
+        a = init.args
+        if a.kwarg is not None:
+            return None
+        return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "problem", "seed")]
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n in params if n not in ("self", "problem", "seed")]
+
+
+def _module_source(module: str) -> ast.Module | None:
+    """The parsed source of ``module``, found without running it (its parent packages do run)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not (spec.origin or "").endswith(".py"):
+        return None
+    try:
+        return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
+def _source_init(module: str, cls: str) -> ast.FunctionDef | None:
+    tree = _module_source(module)
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+                         and not f.decorator_list), None)
+    return None
+
+
+def _check_device(where: str, device: str) -> list[SpecIssue]:
+    """That an instrument's ``device: package.module:factory`` names a callable that exists.
+
+    The module is found (``importlib.util.find_spec``) and its source read, not run: a device
+    module imports ophyd and may reach for hardware when imported, and validating a file should
+    do neither. Only where the source cannot say (the name is assigned or imported, not defined
+    with ``def`` or ``class``) is the module imported to look.
+    """
+    module, sep, attr = device.partition(":")
+    if not sep or not module or not attr.isidentifier():
+        return [SpecIssue(where, f"write it as package.module:factory, e.g. mypackage.lab:make_reactor "
+                                 f"(got {device!r})")]
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError as exc:
+        spec, missing = None, exc.name
+    except Exception as exc:  # noqa: BLE001 - a parent package that fails on import: say how
+        return [SpecIssue(where, f"importing the package of {module!r} failed ({type(exc).__name__}: {exc}); "
+                                 "fix that package or name another module")]
+    else:
+        missing = module
+    if spec is None:
+        return [SpecIssue(where, f"no module {missing!r} can be found, so {module!r} cannot be imported; "
+                                 "install the package that holds it, add its folder to PYTHONPATH, "
+                                 "or fix the name")]
+    found = _defined_in_source(module, attr)
+    if found is True:
+        return []
+    if found is False:
+        tree = _module_source(module)
+        defined = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)) if tree else []
+        return [SpecIssue(where, f"module {module!r} has no {attr!r}; name one of its factories "
+                                 f"{defined} or define {attr!r} there")]
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except AttributeError:
+        return [SpecIssue(where, f"module {module!r} has no {attr!r}; define it there or fix the name")]
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's module is their input
+        return [SpecIssue(where, f"importing {module!r} failed ({type(exc).__name__}: {exc}); fix the module")]
+    if not callable(obj):
+        return [SpecIssue(where, f"{module}:{attr} is a {type(obj).__name__}, not a factory; name a function "
+                                 "that returns the ophyd device")]
+    return []
+
+
+def _defined_in_source(module: str, attr: str) -> bool | None:
+    """``True``: the source defines ``attr`` with ``def`` or ``class`` at the top level; ``False``:
+    it binds no such name anywhere; ``None``: the source cannot say (import to look)."""
+    tree = _module_source(module)
+    if tree is None:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == attr:
+            return True
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) \
+                and node.name in (attr, "__getattr__"):
+            return None
+        if isinstance(node, ast.Name) and node.id == attr and isinstance(node.ctx, ast.Store):
+            return None
+        if isinstance(node, ast.ImportFrom | ast.Import) and any(
+                (a.asname or a.name.split(".")[0]) in (attr, "*") for a in node.names):
+            return None
+        if isinstance(node, ast.Global | ast.Nonlocal) and attr in node.names:
+            return None
+    return False
 
 
 def parse_campaign(data: Any, source: str = "<campaign>", base_dir: Path | None = None) -> CampaignSpec:
@@ -442,7 +624,12 @@ def parse_campaign(data: Any, source: str = "<campaign>", base_dir: Path | None 
     try:
         spec = CampaignSpec.model_validate(data)
     except ValidationError as err:
-        raise CampaignError(source, _issues_from_validation(err)) from None
+        # The checks across fields run on whatever did validate, so a file's problems come in one
+        # report, not in rounds.
+        issues = _issues_from_validation(err)
+        seen = {(i.path, i.message) for i in issues}
+        issues += [i for i in check_campaign(_Fields.partial(data), base_dir) if (i.path, i.message) not in seen]
+        raise CampaignError(source, issues) from None
     issues = check_campaign(spec, base_dir)
     if issues:
         raise CampaignError(source, issues)

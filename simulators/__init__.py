@@ -1,7 +1,26 @@
-"""Stand-ins for hardware: analytic problems, tables of real experiments, simulated devices."""
+"""Stand-ins for hardware: analytic problems, tables of real experiments, simulated devices.
 
-from simulators.devices import Behaviour, InstrumentFault, make_simulated_device
-from simulators.problems import ANALYTIC, ProblemError, SimProblem, load_problem, load_table, regret
+Names are loaded on first use (PEP 562), so reading a problem's parameters (``labpilot
+validate``) does not import ophyd and bluesky with the simulated devices.
+"""
 
-__all__ = ["ANALYTIC", "Behaviour", "InstrumentFault", "ProblemError", "SimProblem",
-           "load_problem", "load_table", "make_simulated_device", "regret"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Behaviour": "simulators.devices", "InstrumentFault": "simulators.devices",
+    "make_simulated_device": "simulators.devices",
+    "ANALYTIC": "simulators.problems", "ProblemError": "simulators.problems", "SimProblem": "simulators.problems",
+    "load_problem": "simulators.problems", "load_table": "simulators.problems", "regret": "simulators.problems",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'simulators' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
+
+
+__all__ = sorted(_WHERE)

@@ -15,9 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
-from botorch.test_functions import Branin, BraninCurrin, Hartmann
 
 from planners.space import (
     CategoricalParameter,
@@ -55,18 +53,25 @@ class SimProblem:
     kind: str = "continuous"
 
 
-def _botorch_problem(fn, names: list[str], outcomes: list[str], goals: list[str], name: str,
-                     optimum: dict[str, float]) -> SimProblem:
-    bounds = fn.bounds.double()
-    params = [
-        FloatParameter(name=n, lower=float(bounds[0, i]), upper=float(bounds[1, i]))
-        for i, n in enumerate(names)
-    ]
+def _botorch_problem(function: str, bounds: list[tuple[float, float]], names: list[str], outcomes: list[str],
+                     goals: list[str], name: str, optimum: dict[str, float], **kwargs: Any) -> SimProblem:
+    """A problem measured by BoTorch's test function ``function`` (a name in
+    ``botorch.test_functions``, built with ``kwargs``) on ``bounds`` (its own domain, which a
+    test checks): BoTorch and torch are imported at the first measurement, so checking a
+    campaign file that names the simulator needs neither."""
+    params = [FloatParameter(name=n, lower=lo, upper=hi) for n, (lo, hi) in zip(names, bounds, strict=True)]
+    made: list[Any] = []
 
     def evaluate(point: dict[str, Any]) -> dict[str, float]:
+        import torch
+
+        if not made:
+            import botorch.test_functions
+
+            made.append(getattr(botorch.test_functions, function)(**kwargs))
         x = torch.tensor([[float(point[n]) for n in names]], dtype=torch.double)
         with torch.no_grad():
-            y = fn.evaluate_true(x).reshape(-1)
+            y = made[0].evaluate_true(x).reshape(-1)
         return {o: float(y[i]) for i, o in enumerate(outcomes)}
 
     return SimProblem(
@@ -82,14 +87,14 @@ def _botorch_problem(fn, names: list[str], outcomes: list[str], goals: list[str]
 
 def branin() -> SimProblem:
     """Branin on [-5, 10] x [0, 15]; minimum 0.397887 at three points."""
-    return _botorch_problem(Branin(), ["x1", "x2"], ["y"], ["minimize"], "branin",
+    return _botorch_problem("Branin", [(-5.0, 10.0), (0.0, 15.0)], ["x1", "x2"], ["y"], ["minimize"], "branin",
                             {"y": 0.397887})
 
 
 def hartmann6() -> SimProblem:
     """Hartmann, 6 dimensions on the unit cube; minimum -3.32237."""
-    return _botorch_problem(Hartmann(dim=6), [f"x{i}" for i in range(1, 7)], ["y"],
-                            ["minimize"], "hartmann6", {"y": -3.32237})
+    return _botorch_problem("Hartmann", [(0.0, 1.0)] * 6, [f"x{i}" for i in range(1, 7)], ["y"],
+                            ["minimize"], "hartmann6", {"y": -3.32237}, dim=6)
 
 
 def branincurrin() -> SimProblem:
@@ -98,7 +103,7 @@ def branincurrin() -> SimProblem:
     The hypervolume reference point used in BoTorch's studies is (18, 6)
     for the minimised pair; the Pareto front's hypervolume there is 59.36.
     """
-    p = _botorch_problem(BraninCurrin(), ["x1", "x2"], ["branin", "currin"],
+    p = _botorch_problem("BraninCurrin", [(0.0, 1.0)] * 2, ["x1", "x2"], ["branin", "currin"],
                          ["minimize", "minimize"], "branincurrin", {})
     p.optimum = {"hypervolume": 59.36, "ref_branin": 18.0, "ref_currin": 6.0}
     return p

@@ -272,3 +272,15 @@ def test_unknown_simulator_and_ambiguous_source_are_problem_errors():
         load_problem("branin", dataset="suzuki")
     with pytest.raises(ProblemError, match="exactly one"):
         load_problem()
+
+
+@pytest.mark.parametrize("name", ["branin", "hartmann6", "branincurrin"])
+def test_analytic_problems_declare_the_domain_of_their_botorch_function(name):
+    """The bounds are written out (so reading a problem imports no BoTorch); they must be BoTorch's."""
+    import botorch.test_functions as tf
+
+    from simulators.problems import ANALYTIC
+
+    fn = {"branin": tf.Branin(), "hartmann6": tf.Hartmann(dim=6), "branincurrin": tf.BraninCurrin()}[name]
+    problem = ANALYTIC[name]()
+    assert [(p.lower, p.upper) for p in problem.parameters] == [tuple(map(float, b)) for b in fn.bounds.T]

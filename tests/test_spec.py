@@ -491,7 +491,7 @@ def _data(**overrides) -> dict:
             {"name": "x2", "type": "float", "lower": 0.0, "upper": 1.0},
         ],
         "objectives": [{"name": "y", "goal": "minimize"}],
-        "instruments": [{"name": "bench", "device": "mylab.devices:bench", "outcomes": ["y"]}],
+        "instruments": [{"name": "bench", "device": "tests.lab_factories:bench", "outcomes": ["y"]}],
     }
     data.update(overrides)
     return data
@@ -509,3 +509,140 @@ def test_installed_labpilot_command_reports_a_bad_file_and_exits_2(write_campaig
     assert proc.returncode == 2
     assert "parameters[1]" in err and "bounds reversed" in err
     assert "Traceback" not in proc.stderr
+
+
+# ---- one report, not rounds --------------------------------------------------------------
+def test_field_errors_and_cross_field_errors_are_reported_in_one_run(write_campaign, capsys):
+    path = write_campaign(GOOD.replace("planner: {name: sobol}", "planner: {name: sobol}\nbudget: {max_trials: many}")
+                          + "constraints: ['x1 + x9 <= 3']\nsafety: {limits: {x5: {min: 0}}}\n")
+
+    code, out, err = _validate(path, capsys)
+
+    _assert_clean_bad_input(code, out, err)
+    issues = {i.path: i.message for i in _issues(path)}
+    assert set(issues) == {"budget.max_trials", "constraints[0]", "safety.limits.x5"}
+    assert "write a whole number" in issues["budget.max_trials"]
+    assert "unknown parameter 'x9'" in issues["constraints[0]"] and "'x1'" in issues["constraints[0]"]
+    assert "unknown parameter 'x5'" in issues["safety.limits.x5"]
+    assert "3 problem(s)" in err
+
+
+def test_a_parameter_with_a_bad_bound_is_not_also_called_unknown_by_its_constraint(write_campaign):
+    path = write_campaign(GOOD.replace("lower: -5", "lower: abc")
+                          + "constraints: ['x1 + x2 <= 3']\nsafety: {limits: {x1: {min: 0}}}\n")
+
+    assert [i.path for i in _issues(path)] == ["parameters[0].lower"]
+
+
+def test_cross_field_errors_inside_a_partly_bad_list_are_reported_beside_its_field_errors(write_campaign):
+    path = write_campaign(GOOD.replace("{name: reactor, simulator: branin}",
+                                       "{name: reactor, simulator: branin, timeout: -1}\n"
+                                       "  - {name: other, simulator: brainin}")
+                          .replace("{name: y, goal: minimize}", "{name: y, goal: minimize}\n  - {name: y, goal: up}"))
+
+    paths = {i.path for i in _issues(path)}
+
+    assert paths == {"instruments[0].timeout", "instruments[1].simulator", "objectives[1].goal",
+                     "objectives[1].name"}
+
+
+# ---- a device factory is found at validate time -------------------------------------------
+DEVICE = GOOD.replace("{name: reactor, simulator: branin}",
+                      "{name: reactor, device: 'FACTORY', outcomes: [y]}")
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """A module ``labfactory_<n>`` on sys.path that defines ``make_reactor`` and a constant; importing
+    it would fail, so a passing check shows the module was read, not run."""
+    name = f"labfactory_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        "raise RuntimeError('imported')\n\nLIMIT = 3\n\n\ndef make_reactor():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_device_factory_that_exists_validates_without_importing_its_module(write_campaign, factory_module,
+                                                                          capsys):
+    import sys
+
+    path = write_campaign(DEVICE.replace("FACTORY", f"{factory_module}:make_reactor"))
+
+    code, out, err = _validate(path, capsys)
+
+    assert code == 0, err
+    assert factory_module not in sys.modules
+
+
+@pytest.mark.parametrize("device, says", [
+    ("labpilot_no_such_pkg.lab:make_reactor", "no module 'labpilot_no_such_pkg' can be found"),
+    ("MODULE:make_reactr", "has no 'make_reactr'"),
+    ("MODULE", "write it as package.module:factory"),
+])
+def test_device_factory_that_cannot_be_found_names_the_field_and_exit_2(device, says, write_campaign,
+                                                                        factory_module, capsys):
+    path = write_campaign(DEVICE.replace("FACTORY", device.replace("MODULE", factory_module)))
+
+    code, out, err = _validate(path, capsys)
+
+    _assert_clean_bad_input(code, out, err)
+    assert "instruments[0].device" in err and says in err
+
+
+def test_device_factory_bound_by_assignment_is_imported_to_check_it_is_callable(write_campaign, tmp_path,
+                                                                                 monkeypatch):
+    (tmp_path / "labfactory_assigned.py").write_text("LIMIT = 3\nmake_reactor = dict\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    load_campaign(write_campaign(DEVICE.replace("FACTORY", "labfactory_assigned:make_reactor")))
+    issues = _issues(write_campaign(DEVICE.replace("FACTORY", "labfactory_assigned:LIMIT")))
+
+    assert [i.path for i in issues] == ["instruments[0].device"]
+    assert "not a factory" in issues[0].message
+
+
+def test_planner_options_read_from_source_match_the_imported_signatures():
+    import importlib
+    import inspect
+
+    from orchestrator.spec import planner_options
+    from planners import PLANNERS
+
+    for name, target in PLANNERS.items():
+        module, cls = target.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+        expected = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else \
+            [n for n in params if n not in ("self", "problem", "seed")]
+        assert planner_options(name) == expected, name
+
+
+# ---- validating is light -----------------------------------------------------------------
+HEAVY = ("botorch", "gpytorch", "ax", "prefect", "bluesky", "ophyd", "scipy", "sqlalchemy")
+
+
+def _modules_after_validating(path: Path) -> set[str]:
+    """The top-level modules a fresh interpreter holds after ``labpilot validate path`` (exit 0)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom orchestrator.cli import main\n"
+            f"assert main(['validate', {str(path)!r}]) == 0\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split("\n")[-2].split())
+
+
+def test_validating_a_device_campaign_imports_no_planner_instrument_or_prefect_stack(write_campaign):
+    path = write_campaign(DEVICE.replace("FACTORY", "tests.lab_factories:bench")
+                          .replace("planner: {name: sobol}", "planner: {name: bo, options: {initial_trials: 4}}"))
+
+    loaded = _modules_after_validating(path)
+
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_validating_a_device_campaign_does_not_import_torch(write_campaign):
+    path = write_campaign(DEVICE.replace("FACTORY", "tests.lab_factories:bench"))
+
+    assert "torch" not in _modules_after_validating(path)
