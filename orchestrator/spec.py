@@ -518,6 +518,8 @@ def planner_options(name: str) -> list[str] | None:
     """
     module, cls = PLANNERS[name].split(":")
     init = _source_init(module, cls)
+    if init is None and _source_bases(module, cls) == ["Planner"]:
+        return []  # Planner.__init__ refuses every option
     if init is not None:
         a = init.args
         if a.kwarg is not None:
@@ -538,6 +540,15 @@ def _module_source(module: str) -> ast.Module | None:
         return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
+
+
+def _source_bases(module: str, cls: str) -> list[str] | None:
+    """The names of the base classes of ``cls`` as its source writes them (``None``: not found)."""
+    tree = _module_source(module)
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+    return None
 
 
 def _source_init(module: str, cls: str) -> ast.FunctionDef | None:
