@@ -18,6 +18,10 @@ laneA() {  # bo against Ax's default on Hartmann6; Branin; failures with and wit
   $LP bench --problems branin --planners bo,bo-cold,bo-trainer,random,sobol --seeds 10 --budget 30 --initial 5 --options "$VARIANTS" --out $O/branin.json --quiet
   $LP bench --problems branin_failing --planners bo,bo-plain,random --seeds 10 --budget 30 --initial 5 --options '{"bo-plain": {"planner": "bo", "feasibility_model": false}}' --out $O/branin_failing.json --quiet
 }
+laneE() {  # bo against Ax both ways, in one run: `ax` (Ax fed the paired 5-point design, a fresh Client per ask)
+  # and `ax-native` (one Client for the run, Ax's own initial design, as Ax's documentation runs it)
+  $LP bench --problems hartmann6 --planners bo,ax,ax-native --seeds 5 --budget 35 --initial 5 --out $O/hartmann6_ax_native.json --quiet
+}
 campaign() {  # bo on the surrogate trainer's versions, as `labpilot run` proposes (widening capped, restarts)
   $LP bench --problems branin --planners bo-trainer --seeds 10 --budget 30 --initial 5 --options "$VARIANTS" --out $O/campaign_path_branin.json --quiet
   $LP bench --problems hartmann6 --planners bo-trainer --seeds 10 --budget 35 --initial 5 --options "$VARIANTS" --out $O/campaign_path_hartmann6.json --quiet
@@ -46,8 +50,8 @@ timing() {  # alone: proposal time near 35 observations, one point, a batch of 4
 # slow both several-fold). The timing runs, alone, keep torch's default.
 lanes_env() { export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; }
 case "${1:-all}" in
-  laneA|laneB|laneB2|laneC|laneD|campaign) lanes_env; "$1" ;;
+  laneA|laneB|laneB2|laneC|laneD|laneE|campaign) lanes_env; "$1" ;;
   timing) timing ;;
-  all) (lanes_env; laneA & laneB & wait; laneB2 & laneC & wait; laneD & campaign & wait); timing ;;
-  *) echo "usage: $0 [all|laneA|laneB|laneB2|laneC|laneD|campaign|timing]" >&2; exit 2 ;;
+  all) (lanes_env; laneA & laneB & wait; laneB2 & laneC & wait; laneD & campaign & wait; laneE); timing ;;
+  *) echo "usage: $0 [all|laneA|laneB|laneB2|laneC|laneD|laneE|campaign|timing]" >&2; exit 2 ;;
 esac
