@@ -97,7 +97,12 @@ class AxPlanner(Planner):
     would continue a single sequence. A replayed history also makes the fresh
     strategy catch up at once (``current_generator_run_limit``) with the node
     a long-lived ``Client`` would be at. Proposals name that node in
-    ``model_version`` (``ax-CenterOfSearchSpace``, ``ax-Sobol``, ``ax-MBM``).
+    ``model_version`` (``ax-CenterOfSearchSpace``, ``ax-Sobol``, ``ax-MBM``);
+    when the node's model could not make a new point and Ax fell back to
+    Sobol (Ax logs ``switching to fallback model``; frequent on categorical
+    spaces, where the model keeps proposing points already tried), the
+    fallback's key follows: ``ax-MBM/Fallback_Sobol`` (``labpilot bench``
+    counts these per row).
 
     Options (``planner.options`` in a campaign file):
       - ``initial_trials`` (int or null, default null): the number of
@@ -355,11 +360,6 @@ def _model_version(client: Any, index: int) -> str | None:
     if not node:
         return None
     return f"ax-{node}/{key}" if key.startswith("Fallback") else f"ax-{node}"
-
-
-def is_fallback(proposal: Proposal) -> bool:
-    """Whether an Ax planner's ``proposal`` came from Ax's fallback generator, not its node's model."""
-    return "/Fallback" in (proposal.model_version or "")
 
 
 class AxNativePlanner(AxPlanner):
