@@ -305,20 +305,38 @@ def _top1_acceleration(o: Any, utilities: np.ndarray, runs: list[dict[str, Any]]
     """Rohr et al. (2020)'s Top-1 % acceleration factor: random's expected trials to the first
     top-1 % row, (N + 1) / (K + 1), over the median trials the planner took (initial design
     included; a seed that found none within the budget counts as never)."""
+    threshold = _top1_threshold(utilities)
+    firsts = [next((i + 1 for i, t in enumerate(r["truths"]) if t and float(o.utility(t[o.name])) >= threshold),
+                   None) for r in runs]
+    return _top1_summary(utilities, threshold, firsts)
+
+
+def _top1_threshold(utilities: np.ndarray) -> float:
+    return float(np.sort(utilities)[::-1][max(1, int(math.ceil(0.01 * len(utilities)))) - 1])
+
+
+def _top1_summary(utilities: np.ndarray, threshold: float, firsts: list[int | None]) -> dict[str, Any]:
     rows = len(utilities)
-    threshold = np.sort(utilities)[::-1][max(1, int(math.ceil(0.01 * rows))) - 1]
     k = int((utilities >= threshold).sum())  # ties at the threshold are top rows too
     expected = (rows + 1) / (k + 1)
-    firsts: list[int | None] = []
-    for r in runs:
-        first = next((i + 1 for i, t in enumerate(r["truths"])
-                      if t and float(o.utility(t[o.name])) >= threshold), None)
-        firsts.append(first)
     median = float(np.median([math.inf if f is None else f for f in firsts]))
     return {"top_rows": k, "rows": rows, "random_expected_trials": expected, "trials_to_first": firsts,
             "median_trials": None if math.isinf(median) else median,
             "factor": None if math.isinf(median) else expected / median,
             "found_in_seeds": sum(f is not None for f in firsts)}
+
+
+def top1_acceleration_from_traces(bp: BenchProblem, traces: list[list[float | None]]) -> dict[str, Any]:
+    """The Top-1 % acceleration factor of a pool from best-so-far traces (raw units, one per seed),
+    as a bench JSON stores them: the best so far first reaches a top-1 % value on the trial that
+    found the first top-1 % row. For JSON written before the factor was computed."""
+    o = bp.sim.objectives[0]
+    assert bp.sim.table is not None, "top1_acceleration_from_traces needs a pool problem"
+    utilities = np.array([float(o.utility(v)) for v in bp.sim.table[o.name].to_numpy(float)])
+    threshold = _top1_threshold(utilities)
+    firsts = [next((i + 1 for i, v in enumerate(t) if v is not None and float(o.utility(v)) >= threshold), None)
+              for t in traces]
+    return _top1_summary(utilities, threshold, firsts)
 
 
 def run_bench(problems: list[str], planners: list[str], seeds: int, budget: int, batch: int, initial: int,

@@ -239,7 +239,7 @@ def test_bench_counts_the_proposals_ax_made_with_its_sobol_fallback(tmp_path, mo
 
 
 def test_top1_acceleration_factor_is_randoms_expected_trials_over_the_median_trials_to_a_top_row(tmp_path):
-    from orchestrator.bench import score
+    from orchestrator.bench import score, top1_acceleration_from_traces
 
     # 19 rows, values 0..18: the top 1 % is ceil(0.19) = 1 row (y = 18); random needs (19+1)/(1+1) = 10 trials
     rows = [{"a": i / 18, "y": float(i)} for i in range(19)]
@@ -260,6 +260,8 @@ def test_top1_acceleration_factor_is_randoms_expected_trials_over_the_median_tri
     assert t1["median_trials"] == 4 and t1["factor"] == pytest.approx(10 / 4)
     never = score(bp, [runs[0], runs[2], runs[2]])["top1_acceleration_factor"]
     assert never["median_trials"] is None and never["factor"] is None  # the median seed never found one
+    # the same from the best-so-far traces a committed JSON holds
+    assert top1_acceleration_from_traces(bp, score(bp, runs)["best_so_far"]) == t1
 
 
 def test_ax_native_keeps_one_client_and_makes_its_own_initial_design(tmp_path):
