@@ -18,6 +18,18 @@ laneA() {  # bo against Ax's default on Hartmann6; Branin; failures with and wit
   $LP bench --problems branin --planners bo,bo-cold,bo-trainer,random,sobol --seeds 10 --budget 30 --initial 5 --options "$VARIANTS" --out $O/branin.json --quiet
   $LP bench --problems branin_failing --planners bo,bo-plain,random --seeds 10 --budget 30 --initial 5 --options '{"bo-plain": {"planner": "bo", "feasibility_model": false}}' --out $O/branin_failing.json --quiet
 }
+laneE() {  # bo against Ax both ways, in one run: `ax` (Ax fed the paired 5-point design, a fresh Client per ask)
+  # and `ax-native` (one Client for the run, Ax's own initial design, as Ax's documentation runs it)
+  $LP bench --problems hartmann6 --planners bo,ax,ax-native --seeds 5 --budget 35 --initial 5 --out $O/hartmann6_ax_native.json --quiet
+}
+laneF() {  # what the ax row is on a categorical table: the share of its proposals that were Ax's Sobol fallback
+  $LP bench --problems $D/buchwald_a --planners bo,ax,random --seeds 2 --budget 20 --initial 5 --out $O/buchwald_a_ax.json --quiet
+}
+reference() {  # Ax's Client on Hartmann6 with no labpilot code in the loop, as Ax's documentation runs it:
+  # on Hartmann6 in numpy, and on BoTorch's Hartmann6 (the bench's function, float32 constants)
+  .venv/bin/python benchmarks/ax_standalone.py --seeds 0 1 2 3 4 --trials 35 --out $O/ax_standalone_hartmann6.json
+  .venv/bin/python benchmarks/ax_standalone.py --seeds 0 1 2 3 4 --trials 35 --function botorch --out $O/ax_standalone_hartmann6_botorch.json
+}
 campaign() {  # bo on the surrogate trainer's versions, as `labpilot run` proposes (widening capped, restarts)
   $LP bench --problems branin --planners bo-trainer --seeds 10 --budget 30 --initial 5 --options "$VARIANTS" --out $O/campaign_path_branin.json --quiet
   $LP bench --problems hartmann6 --planners bo-trainer --seeds 10 --budget 35 --initial 5 --options "$VARIANTS" --out $O/campaign_path_hartmann6.json --quiet
@@ -46,8 +58,8 @@ timing() {  # alone: proposal time near 35 observations, one point, a batch of 4
 # slow both several-fold). The timing runs, alone, keep torch's default.
 lanes_env() { export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; }
 case "${1:-all}" in
-  laneA|laneB|laneB2|laneC|laneD|campaign) lanes_env; "$1" ;;
+  laneA|laneB|laneB2|laneC|laneD|laneE|laneF|reference|campaign) lanes_env; "$1" ;;
   timing) timing ;;
-  all) (lanes_env; laneA & laneB & wait; laneB2 & laneC & wait; laneD & campaign & wait); timing ;;
-  *) echo "usage: $0 [all|laneA|laneB|laneB2|laneC|laneD|campaign|timing]" >&2; exit 2 ;;
+  all) (lanes_env; laneA & laneB & wait; laneB2 & laneC & wait; laneD & campaign & wait; laneE; laneF; reference); timing ;;
+  *) echo "usage: $0 [all|laneA|laneB|laneB2|laneC|laneD|laneE|laneF|reference|campaign|timing]" >&2; exit 2 ;;
 esac

@@ -533,8 +533,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import platform
     import shlex
 
-    from orchestrator.bench import parse_problem, run_bench, write
-    from planners import PLANNERS
+    from orchestrator.bench import check, failures, parse_problem, planner_names, run_bench, write
 
     problems = [p for group in args.problems for p in group.split(",") if p]
     planners = [p for group in args.planners for p in group.split(",") if p]
@@ -548,18 +547,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           "'{\"bo\": {\"num_restarts\": 4}}'")
         return EXIT_BAD_INPUT
     aliases = {k: v.get("planner") for k, v in options.items() if isinstance(v, dict) and "planner" in v}
-    unknown = [p for p in planners if aliases.get(p, p) not in PLANNERS]
+    unknown = [p for p in planners if aliases.get(p, p) not in planner_names()]
     if unknown:
-        err_console.print(f"[bold red]error[/]: unknown planner(s) {unknown}; choose from {sorted(PLANNERS)}")
+        err_console.print(f"[bold red]error[/]: unknown planner(s) {unknown}; choose from {planner_names()}")
         return EXIT_BAD_INPUT
     try:
-        for p in problems:
-            parse_problem(p)
+        parsed = [parse_problem(p) for p in problems]
     except ValueError as exc:
         err_console.print(f"[bold red]error[/]: {exc}")
         return EXIT_BAD_INPUT
     if args.initial >= args.budget:
         err_console.print("[bold red]error[/]: --initial must be smaller than --budget")
+        return EXIT_BAD_INPUT
+    cannot = check(parsed, planners, args.budget, args.initial, options)
+    if cannot:  # before any run: a pair that cannot run would otherwise fail after hours of others
+        err_console.print("[bold red]error[/]: these cannot run (nothing was run):")
+        err_console.print("\n".join(f"  {line}" for line in cannot), markup=False)
+        err_console.print("  drop the planner or the problem, or change its options")
         return EXIT_BAD_INPUT
     command = "labpilot bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
         else "labpilot bench (called from Python)"
@@ -571,6 +575,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     md = write(result, {**meta, "seconds": time.perf_counter() - t0}, Path(args.out))
     console.print(md.read_text(), markup=False)
     console.print(f"wrote {args.out} and {md} in {time.perf_counter() - t0:.0f} s")
+    failed = failures(result)
+    if failed:
+        err_console.print(f"[bold red]error[/]: runs failed; what finished is in {args.out}:")
+        err_console.print("\n".join(f"  {line}" for line in failed), markup=False)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

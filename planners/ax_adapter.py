@@ -13,7 +13,7 @@ import math
 import warnings
 from typing import Any
 
-from planners.base import HistoryItem, Planner, Problem, Proposal, finite
+from planners.base import HistoryItem, Planner, Problem, Proposal, finite, row_key
 from planners.baselines import design_space
 from planners.space import CategoricalParameter, FloatParameter, IntParameter
 
@@ -99,7 +99,12 @@ class AxPlanner(Planner):
     would continue a single sequence. A replayed history also makes the fresh
     strategy catch up at once (``current_generator_run_limit``) with the node
     a long-lived ``Client`` would be at. Proposals name that node in
-    ``model_version`` (``ax-CenterOfSearchSpace``, ``ax-Sobol``, ``ax-MBM``).
+    ``model_version`` (``ax-CenterOfSearchSpace``, ``ax-Sobol``, ``ax-MBM``);
+    when the node's model could not make a new point and Ax fell back to
+    Sobol (Ax logs ``switching to fallback model``; frequent on categorical
+    spaces, where the model keeps proposing points already tried), the
+    fallback's key follows: ``ax-MBM/Fallback_Sobol`` (``labpilot bench``
+    counts these per row).
 
     Options (``planner.options`` in a campaign file):
       - ``initial_trials`` (int or null, default null): the number of
@@ -277,13 +282,8 @@ class AxPlanner(Planner):
             generated = self._generate(client, n)
         quiet_ax_loggers()
 
-        trials = client._experiment.trials  # noqa: SLF001 - only to name the node that proposed
-        points, versions = [], []
-        for index, params in generated:
-            points.append(self._from_ax(dict(params)))
-            runs = getattr(trials.get(index), "generator_runs", None) or []
-            node = getattr(runs[0], "_generation_node_name", None) if runs else None
-            versions.append(f"ax-{node}" if node else None)
+        points = [self._from_ax(dict(params)) for _, params in generated]
+        versions = [_model_version(client, index) for index, _ in generated]
 
         if untried is not None:
             rows = self._snap_to_pool(points, untried)
@@ -350,3 +350,116 @@ class AxPlanner(Planner):
                 zb = (float(b[p.name]) - p.lower) / (p.upper - p.lower)
             total += (za - zb) ** 2
         return math.sqrt(total)
+
+
+def _model_version(client: Any, index: int) -> str | None:
+    """``ax-NODE`` for the generation node that made trial ``index``; ``ax-NODE/KEY`` when the
+    node fell back to another generator (Ax's ``Fallback_Sobol``) to make it."""
+    trial = client._experiment.trials.get(index)  # noqa: SLF001 - only to name the node that proposed
+    runs = getattr(trial, "generator_runs", None) or []
+    if not runs:
+        return None
+    node = getattr(runs[0], "_generation_node_name", None)
+    key = getattr(runs[0], "_generator_key", None) or ""
+    if not node:
+        return None
+    return f"ax-{node}/{key}" if key.startswith("Fallback") else f"ax-{node}"
+
+
+class AxNativePlanner(AxPlanner):
+    """Ax's ``Client`` as its documentation runs it: one ``Client`` for the whole run.
+
+    For the benchmark only (``labpilot bench --planners ax-native``), as the
+    reference of what Ax does on its own: ``Client(random_seed=seed)``,
+    ``configure_experiment`` and ``configure_optimization`` once, Ax's default
+    generation strategy (chosen by the ``Client`` on the first
+    ``get_next_trials``), its own initial design (the centre, then Sobol), and
+    then ``get_next_trials`` / ``complete_trial`` on that same ``Client``.
+
+    It is not a campaign planner: the ``Client`` holds state between asks, so
+    it is not rebuilt from the ledger (use ``ax``, which replays the history
+    into a fresh ``Client`` on every ask). It ignores a shared initial design
+    (:attr:`shared_design` is false: the benchmark does not run one for it).
+
+    On each ``ask`` the results in ``history`` that the ``Client`` has not
+    been told yet are told: a point it proposed completes (or fails) that
+    trial; any other point is attached as a trial of its own. Pending points
+    it did not propose are attached and left running. A history that is not
+    an extension of the one already told starts a fresh ``Client`` and
+    attaches all of it. Pool mode, the parameter mapping and the refusals are
+    those of :class:`AxPlanner`.
+    """
+
+    name = "ax-native"
+    #: the benchmark runs no shared initial design for this planner: Ax makes its own
+    shared_design = False
+
+    def __init__(self, problem: Problem, seed: int = 0) -> None:
+        super().__init__(problem, seed)
+        self._client_: Any = None
+        self._told: list[tuple] = []  # row keys of the history items the Client has been told
+        self._running: dict[tuple, int] = {}  # row key -> index of a trial the Client awaits
+
+    def _fresh_client(self) -> Any:
+        from ax.api.client import Client
+
+        client = Client(random_seed=self.seed % _SEED_MODULUS)
+        client.configure_experiment(
+            parameters=self._parameter_configs(),
+            parameter_constraints=self._parameter_constraints() or None,
+            name="labpilot",
+        )
+        client.configure_optimization(
+            objective=self._objective_string(),
+            outcome_constraints=self._outcome_constraint_strings() or None,
+        )
+        self._told, self._running = [], {}
+        return client
+
+    def _tell(self, history: list[HistoryItem], pending: list[dict[str, Any]]) -> None:
+        keys = [row_key(h.parameters) for h in history]
+        if self._client_ is None or keys[: len(self._told)] != self._told:
+            self._client_ = self._fresh_client()
+        client = self._client_
+        for item, key in zip(history[len(self._told):], keys[len(self._told):], strict=True):
+            index = self._running.pop(key, None)
+            if index is None:
+                index = client.attach_trial(parameters=self._to_ax(item.parameters))
+            if item.state == "completed":
+                client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
+            else:
+                client.mark_trial_failed(trial_index=index)
+            self._told.append(key)
+        for point in pending:
+            key = row_key(point)
+            if key not in self._running:
+                self._running[key] = client.attach_trial(parameters=self._to_ax(point))
+
+    def ask(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]],
+            state: dict[str, Any] | None = None) -> list[Proposal]:
+        if n < 1:
+            return []
+        untried: list[int] | None = None
+        if self.problem.pool is not None:
+            untried = self.untried_pool(history, pending)
+            if len(untried) < n:
+                raise ValueError(f"the pool has {len(untried)} untried rows, fewer than the {n} asked for")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import ax.api.client  # noqa: F401 - Ax's modules first, then quiet their loggers
+
+            quiet_ax_loggers()
+            self._tell(history, pending)
+            generated = self._generate(self._client_, n)
+        quiet_ax_loggers()
+        points = [self._from_ax(dict(params)) for _, params in generated]
+        versions = [_model_version(self._client_, index) for index, _ in generated]
+        if untried is not None:
+            rows = self._snap_to_pool(points, untried)
+            points = [dict(self.problem.pool[i]) for i in rows]  # type: ignore[index]
+        for (index, _), point in zip(generated, points, strict=True):
+            self._running[row_key(point)] = index  # its result, when it comes, completes this trial
+        return [
+            Proposal(parameters=p, planner=self.name, seed=self.seed, model_version=v)
+            for p, v in zip(points, versions, strict=True)
+        ]

@@ -149,3 +149,139 @@ def test_space_filling_baselines_give_legal_distinct_points(name):
             points.append(row_key(p.parameters))
             history.append(HistoryItem(p.parameters, "completed", sim.evaluate(p.parameters)))
     assert len(set(points)) == 12
+
+
+# ---- the bench: what it refuses up front, what it keeps when a run fails, what it reports ----
+def _write_table(folder, rows: list[dict], parameters: list[str], objective: str = "y",
+                 constraint: str = "") -> str:
+    """A dataset folder (``data.csv`` + ``dataset.yaml``, pool kind) in ``folder``; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [*parameters, objective]
+    (folder / "data.csv").write_text("\n".join([",".join(names)]
+                                               + [",".join(str(r[n]) for n in names) for r in rows]) + "\n")
+    (folder / "dataset.yaml").write_text(
+        f"name: {folder.name}\nkind: pool\nparameters:\n"
+        + "".join(f"  - {{name: {p}, type: float, low: 0.0, high: 1.0}}\n" for p in parameters)
+        + f"objectives:\n  - {{name: {objective}, direction: maximize}}\n" + constraint)
+    return str(folder)
+
+
+def _fractions_table(tmp_path) -> str:
+    """12 rows of two fractions that add up to 1: an equality constraint, which Ax cannot express."""
+    rows = [{"a": i / 11, "b": 1 - i / 11, "y": -((i / 11 - 0.3) ** 2)} for i in range(12)]
+    return _write_table(tmp_path / "fractions", rows, ["a", "b"],
+                        constraint="constraints:\n  - {type: sum, parameters: [a, b], equals: 1.0}\n")
+
+
+def test_bench_refuses_a_planner_that_cannot_take_a_problem_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--problems", "branin", _fractions_table(tmp_path), "--planners", "random,ax",
+                 "--seeds", "1", "--budget", "6", "--initial", "3", "--out", str(out), "--quiet"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "planner 'ax' on problem 'fractions'" in err and "equality constraint" in err
+    assert "'random'" not in err and "problem 'branin'" not in err  # only the pair that cannot run
+    assert not out.exists()  # refused before the first run, not after random's
+
+
+def test_bench_writes_what_finished_and_exits_1_when_a_run_fails_later(tmp_path, monkeypatch, capsys):
+    from planners.baselines import RandomPlanner
+
+    ask = RandomPlanner.ask
+
+    def ask_failing_on_seed_1(self, n, history, pending):
+        if self.seed == 1 and len(history) >= 4:
+            raise RuntimeError("the instrument's driver crashed")
+        return ask(self, n, history, pending)
+
+    monkeypatch.setattr(RandomPlanner, "ask", ask_failing_on_seed_1)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--problems", "branin", "--planners", "random,sobol", "--seeds", "2",
+                 "--budget", "6", "--initial", "3", "--out", str(out), "--quiet"])
+
+    assert code == 1
+    result = json.loads(out.read_text())["branin"]
+    assert result["random"]["failure"] == {"seed": 1, "error": "RuntimeError: the instrument's driver crashed",
+                                           "seeds_finished": 1}
+    assert len(result["random"]["best_so_far"]) == 1  # seed 0, which finished, is scored
+    assert len(result["sobol"]["best_so_far"]) == 2 and "failure" not in result["sobol"]  # the others ran
+    assert "driver crashed" in (tmp_path / "bench.md").read_text()
+    assert "planner 'random' on problem 'branin', seed 1" in capsys.readouterr().err
+
+
+def test_bench_counts_the_proposals_ax_made_with_its_sobol_fallback(tmp_path, monkeypatch):
+    """Force one fallback: Ax's model node raises the error that makes Ax switch to Sobol
+    (GenerationStrategyRepeatedPoints, what it raises when its model keeps repeating points)."""
+    from ax.exceptions.generation_strategy import GenerationStrategyRepeatedPoints
+    from ax.generation_strategy.generation_node import GenerationNode
+
+    gen = GenerationNode._gen_maybe_deduplicate
+    forced = []
+
+    def repeat_once(self, *args, **kwargs):
+        if self.name == "MBM" and not forced:
+            forced.append(True)
+            raise GenerationStrategyRepeatedPoints("the model proposed only points already tried")
+        return gen(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationNode, "_gen_maybe_deduplicate", repeat_once)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--problems", "branin", "--planners", "ax,random", "--seeds", "1", "--budget", "7",
+                 "--initial", "5", "--out", str(out), "--quiet"]) == 0
+
+    result = json.loads(out.read_text())["branin"]
+    assert forced
+    assert result["ax"]["fallback_proposals"] == {"fraction": 0.5, "per_seed": [1], "proposals": 2}
+    assert result["random"]["fallback_proposals"]["fraction"] == 0.0
+    assert "| 50 % of 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_top1_acceleration_factor_is_randoms_expected_trials_over_the_median_trials_to_a_top_row(tmp_path):
+    from orchestrator.bench import score, top1_acceleration_from_traces
+
+    # 19 rows, values 0..18: the top 1 % is ceil(0.19) = 1 row (y = 18); random needs (19+1)/(1+1) = 10 trials
+    rows = [{"a": i / 18, "y": float(i)} for i in range(19)]
+    bp = parse_problem(_write_table(tmp_path / "ladder", rows, ["a"]))
+
+    def run(values):
+        params = [{"a": v / 18} for v in values]
+        return {"history": [HistoryItem(p, "completed", {"y": float(v)}) for p, v in zip(params, values, strict=True)],
+                "truths": [{"y": float(v)} for v in values], "seconds": [0.0], "fallbacks": 0, "proposed": 3,
+                "shared_design": True}
+
+    runs = [run([3, 18, 5, 6]), run([1, 2, 7, 18]), run([0, 4, 9, 10])]  # first top row at 2, 4, never
+    t1 = score(bp, runs)["top1_acceleration_factor"]
+
+    assert t1["top_rows"] == 1 and t1["rows"] == 19
+    assert t1["random_expected_trials"] == pytest.approx(10.0)
+    assert t1["trials_to_first"] == [2, 4, None]
+    assert t1["median_trials"] == 4 and t1["factor"] == pytest.approx(10 / 4)
+    never = score(bp, [runs[0], runs[2], runs[2]])["top1_acceleration_factor"]
+    assert never["median_trials"] is None and never["factor"] is None  # the median seed never found one
+    # the same from the best-so-far traces a committed JSON holds
+    assert top1_acceleration_from_traces(bp, score(bp, runs)["best_so_far"]) == t1
+
+
+def test_ax_native_keeps_one_client_and_makes_its_own_initial_design(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--problems", "branin", "--planners", "ax-native,sobol", "--seeds", "1",
+                 "--budget", "3", "--initial", "2", "--out", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())["branin"]
+    native = result["ax-native"]
+    assert native["shared_initial_design"] is False and result["sobol"]["shared_initial_design"] is True
+    assert native["proposal_seconds"]["calls"] == 3  # all 3 trials are Ax's: no shared design
+    assert native["best_so_far"][0][0] != result["sobol"]["best_so_far"][0][0]
+    assert "ax-native (own initial design)" in (tmp_path / "bench.md").read_text()
+
+    from orchestrator.bench import make_bench_planner
+
+    bp = parse_problem("branin")
+    planner = make_bench_planner("ax-native", bp.problem, 0, {})
+    history: list[HistoryItem] = []
+    for _ in range(3):
+        (p,) = planner.ask(1, history, [])
+        history.append(HistoryItem(p.parameters, "completed", bp.sim.evaluate(p.parameters)))
+    assert history[0].parameters == {"x1": 2.5, "x2": 7.5}  # Ax's first trial: the centre of the space
+    trials = planner._client_._experiment.trials  # one Client, told each result once: 3 trials, not 1 + 2 + 3
+    assert len(trials) == 3 and sum(t.status.is_completed for t in trials.values()) == 2
