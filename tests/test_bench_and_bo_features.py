@@ -153,23 +153,24 @@ def test_space_filling_baselines_give_legal_distinct_points(name):
 
 # ---- the bench: what it refuses up front, what it keeps when a run fails, what it reports ----
 def _write_table(folder, rows: list[dict], parameters: list[str], objective: str = "y",
-                 constraint: str = "") -> str:
-    """A dataset folder (``data.csv`` + ``dataset.yaml``, pool kind) in ``folder``; its path."""
+                 constraint: str = "", kind: str = "pool") -> str:
+    """A dataset folder (``data.csv`` + ``dataset.yaml``, pool kind unless told) in ``folder``; its path."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [*parameters, objective]
     (folder / "data.csv").write_text("\n".join([",".join(names)]
                                                + [",".join(str(r[n]) for n in names) for r in rows]) + "\n")
     (folder / "dataset.yaml").write_text(
-        f"name: {folder.name}\nkind: pool\nparameters:\n"
+        f"name: {folder.name}\nkind: {kind}\nparameters:\n"
         + "".join(f"  - {{name: {p}, type: float, low: 0.0, high: 1.0}}\n" for p in parameters)
         + f"objectives:\n  - {{name: {objective}, direction: maximize}}\n" + constraint)
     return str(folder)
 
 
 def _fractions_table(tmp_path) -> str:
-    """12 rows of two fractions that add up to 1: an equality constraint, which Ax cannot express."""
+    """12 rows of two fractions that add up to 1, as a continuous space (not a pool): an equality
+    constraint, which Ax cannot express (on a pool Ax needs none: every row satisfies it)."""
     rows = [{"a": i / 11, "b": 1 - i / 11, "y": -((i / 11 - 0.3) ** 2)} for i in range(12)]
-    return _write_table(tmp_path / "fractions", rows, ["a", "b"],
+    return _write_table(tmp_path / "fractions", rows, ["a", "b"], kind="continuous",
                         constraint="constraints:\n  - {type: sum, parameters: [a, b], equals: 1.0}\n")
 
 
@@ -190,10 +191,10 @@ def test_bench_writes_what_finished_and_exits_1_when_a_run_fails_later(tmp_path,
 
     ask = RandomPlanner.ask
 
-    def ask_failing_on_seed_1(self, n, history, pending):
+    def ask_failing_on_seed_1(self, n, history, pending, state=None):
         if self.seed == 1 and len(history) >= 4:
             raise RuntimeError("the instrument's driver crashed")
-        return ask(self, n, history, pending)
+        return ask(self, n, history, pending, state)
 
     monkeypatch.setattr(RandomPlanner, "ask", ask_failing_on_seed_1)
     out = tmp_path / "bench.json"
