@@ -23,7 +23,7 @@ laneE() {  # bo against Ax both ways, in one run: `ax` (Ax fed the paired 5-poin
   $LP bench --problems hartmann6 --planners bo,ax,ax-native --seeds 5 --budget 35 --initial 5 --out $O/hartmann6_ax_native.json --quiet
 }
 laneF() {  # what the ax row is on a categorical table: the share of its proposals that were Ax's Sobol fallback
-  $LP bench --problems $D/buchwald_a --planners bo,ax,random --seeds 2 --budget 20 --initial 5 --out $O/buchwald_a_ax.json --quiet
+  $LP bench --problems $D/buchwald_a --planners bo,ax,random --seeds 3 --budget 50 --initial 5 --out $O/buchwald_a_ax.json --quiet
 }
 reference() {  # Ax's Client on Hartmann6 with no labpilot code in the loop, as Ax's documentation runs it:
   # on Hartmann6 in numpy, and on BoTorch's Hartmann6 (the bench's function, float32 constants)

@@ -97,6 +97,17 @@ def main() -> None:
                 f"{name} fallback proposals {100 * m['fallback_proposals']['fraction']:.0f} %", r_bo <= r)
     else:
         row("Hartmann6 (laneE): bo no worse than ax and ax-native", "-", None)
+    ref = {f: load(folder, f"ax_standalone_hartmann6{s}") for f, s in (("numpy", ""), ("botorch", "_botorch"))}
+    if all(ref.values()):  # the `reference` runs: Ax's Client with no labpilot code
+        med = {f: r["simple_regret"]["median"] for f, r in ref.items()}
+        native = (hn or {}).get("hartmann6", {}).get("ax-native", {}).get("simple_regret", {}).get("per_seed", [])
+        same = len(native) == len(ref["botorch"]["simple_regret"]["per_seed"]) and all(
+            abs(a - b) < 1e-6 for a, b in zip(native, ref["botorch"]["simple_regret"]["per_seed"], strict=True))
+        row("Hartmann6: Ax's Client standalone (ax_standalone.py, no labpilot code, seeds 0-4)",
+            f"on BoTorch's Hartmann6 (the bench's) {fmt(med['botorch'])}, "
+            f"{'the same as ax-native on every seed' if same else 'NOT the same as ax-native per seed'}; "
+            f"on Hartmann6 in numpy (outcomes ~1e-8 apart) {fmt(med['numpy'])}",
+            "information: 5 seeds do not resolve Ax's median; bo vs Ax as such is undetermined")
     br = load(folder, "branin")
     if br:
         r = br["branin"]["bo"]["simple_regret"]["median"]
@@ -157,6 +168,14 @@ def main() -> None:
             top1_text("crossed_barrel", m).removeprefix("; ") or "-", "information")
     else:
         row("crossed_barrel pool: AF >= 3.6 at Top% 0.5, EF >= 3.9 at 50", "-", None)
+    fb = load(folder, "buchwald_a_ax")  # laneF: what the ax row is on a categorical table
+    for prob, res in (fb or {}).items():
+        parts = []
+        for name, m in res.items():
+            f = m["fallback_proposals"]
+            parts.append(f"{name}: regret {fmt(m['simple_regret']['median'])}, {100 * f['fraction']:.0f} % of "
+                         f"{f['proposals']} proposals were fallbacks")
+        row(f"{prob} (laneF, categorical): the ax row's Sobol fallbacks", "; ".join(parts), "information")
     ds = load(folder, "datasets")
     if ds:
         for prob, res in ds.items():
