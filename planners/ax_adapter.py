@@ -267,11 +267,7 @@ class AxPlanner(Planner):
             state: dict[str, Any] | None = None) -> list[Proposal]:
         if n < 1:
             return []
-        untried: list[int] | None = None
-        if self.problem.pool is not None:
-            untried = self.untried_pool(history, pending)
-            if len(untried) < n:
-                raise ValueError(f"the pool has {len(untried)} untried rows, fewer than the {n} asked for")
+        untried = self._untried(n, history, pending)
         seed = self.step_seed(history, pending) % _SEED_MODULUS
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -281,10 +277,22 @@ class AxPlanner(Planner):
             client = self._client(seed, history, pending)
             generated = self._generate(client, n)
         quiet_ax_loggers()
+        return self._proposals(client, generated, untried, seed)
 
+    def _untried(self, n: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> list[int] | None:
+        """The untried pool rows (pool mode; at least ``n`` of them), else ``None``."""
+        if self.problem.pool is None:
+            return None
+        untried = self.untried_pool(history, pending)
+        if len(untried) < n:
+            raise ValueError(f"the pool has {len(untried)} untried rows, fewer than the {n} asked for")
+        return untried
+
+    def _proposals(self, client: Any, generated: list[tuple[int, dict[str, Any]]], untried: list[int] | None,
+                   seed: int) -> list[Proposal]:
+        """Ax's generated trials as proposals (snapped to untried rows in pool mode)."""
         points = [self._from_ax(dict(params)) for _, params in generated]
         versions = [_model_version(client, index) for index, _ in generated]
-
         if untried is not None:
             rows = self._snap_to_pool(points, untried)
             points = [dict(self.problem.pool[i]) for i in rows]  # type: ignore[index]
@@ -439,11 +447,7 @@ class AxNativePlanner(AxPlanner):
             state: dict[str, Any] | None = None) -> list[Proposal]:
         if n < 1:
             return []
-        untried: list[int] | None = None
-        if self.problem.pool is not None:
-            untried = self.untried_pool(history, pending)
-            if len(untried) < n:
-                raise ValueError(f"the pool has {len(untried)} untried rows, fewer than the {n} asked for")
+        untried = self._untried(n, history, pending)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import ax.api.client  # noqa: F401 - Ax's modules first, then quiet their loggers
@@ -452,14 +456,7 @@ class AxNativePlanner(AxPlanner):
             self._tell(history, pending)
             generated = self._generate(self._client_, n)
         quiet_ax_loggers()
-        points = [self._from_ax(dict(params)) for _, params in generated]
-        versions = [_model_version(self._client_, index) for index, _ in generated]
-        if untried is not None:
-            rows = self._snap_to_pool(points, untried)
-            points = [dict(self.problem.pool[i]) for i in rows]  # type: ignore[index]
-        for (index, _), point in zip(generated, points, strict=True):
-            self._running[row_key(point)] = index  # its result, when it comes, completes this trial
-        return [
-            Proposal(parameters=p, planner=self.name, seed=self.seed, model_version=v)
-            for p, v in zip(points, versions, strict=True)
-        ]
+        proposals = self._proposals(self._client_, generated, untried, self.seed)
+        for (index, _), p in zip(generated, proposals, strict=True):
+            self._running[row_key(p.parameters)] = index  # its result, when it comes, completes this trial
+        return proposals
