@@ -232,8 +232,8 @@ class AxPlanner(Planner):
         return out
 
     # ---- the interface ---------------------------------------------------
-    def _client(self, seed: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> Any:
-        """A fresh Ax ``Client`` with the experiment declared and ``history``/``pending`` attached."""
+    def _configured_client(self, seed: int) -> Any:
+        """An Ax ``Client`` seeded ``seed`` with this problem's experiment and optimization declared."""
         from ax.api.client import Client
 
         client = Client(random_seed=seed)
@@ -246,6 +246,11 @@ class AxPlanner(Planner):
             objective=self._objective_string(),
             outcome_constraints=self._outcome_constraint_strings() or None,
         )
+        return client
+
+    def _client(self, seed: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> Any:
+        """A fresh Ax ``Client`` with the experiment declared and ``history``/``pending`` attached."""
+        client = self._configured_client(seed)
         # Ax's default strategy; with initial_trials=None exactly what the Client would choose.
         client.configure_generation_strategy(initialization_budget=self.initial_trials)
         for item in history:
@@ -409,18 +414,7 @@ class AxNativePlanner(AxPlanner):
         self._running: dict[tuple, int] = {}  # row key -> index of a trial the Client awaits
 
     def _fresh_client(self) -> Any:
-        from ax.api.client import Client
-
-        client = Client(random_seed=self.seed % _SEED_MODULUS)
-        client.configure_experiment(
-            parameters=self._parameter_configs(),
-            parameter_constraints=self._parameter_constraints() or None,
-            name="labpilot",
-        )
-        client.configure_optimization(
-            objective=self._objective_string(),
-            outcome_constraints=self._outcome_constraint_strings() or None,
-        )
+        client = self._configured_client(self.seed % _SEED_MODULUS)
         self._told, self._running = [], {}
         return client
 
