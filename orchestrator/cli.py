@@ -158,7 +158,7 @@ def _setup_logging(output_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.ledger import sqlite_url
+    from orchestrator.ledger import CampaignRefused, sqlite_url
     from orchestrator.prefect_api import PrefectAPI
     from orchestrator.spec import CampaignError, load_campaign
 
@@ -200,6 +200,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _print_resume_hint(args.file, output_dir)
         return EXIT_INTERRUPTED
+    except CampaignRefused as exc:
+        err_console.print(Text(f"error: {exc}"), soft_wrap=True)
+        return EXIT_BAD_INPUT
     finally:
         api.stop()
         if "runtime" in locals():

@@ -25,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from instruments import Instrument, InstrumentRunner, InstrumentTimeout, MeasurementError
 from orchestrator.learning import CampaignStream, LiveModels
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import CampaignRefused, Ledger
 from orchestrator.report import Best, best_so_far
 from orchestrator.safety import veto_reason
 from orchestrator.settings import Settings
@@ -35,6 +35,76 @@ from planners import Planner, Proposal, make_planner
 log = logging.getLogger("labpilot")
 
 MAX_CONSECUTIVE_VETOES = 25
+#: the campaign's lock: renewed every LOCK_RENEW seconds, lapses after LOCK_LEASE without renewal
+LOCK_LEASE, LOCK_RENEW = 60.0, 5.0
+#: what makes a campaign the campaign it is: a resumed run whose file changes one of these is refused
+IDENTITY_FIELDS = ("parameters", "constraints", "objectives", "outcome_constraints", "seed")
+
+
+def _lock_owner() -> str:
+    import os
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _holder_is_dead(owner: str) -> bool:
+    """A lock holder on this host whose process is gone (SIGKILL leaves its lease behind)."""
+    import os
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host: only the lease's expiry says it is gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) != os.getpid() and _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _spec_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+class DocumentJournal:
+    """A RunEngine callback that writes every document of a trial's run to the ledger as it is
+    emitted (before the run returns), so a result survives a crash right after the measurement."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._trial_of_run: dict[str, int] = {}
+        self._trial_of_descriptor: dict[str, int] = {}
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            if doc.get("trial_id") is None:
+                return
+            self._trial_of_run[doc["uid"]] = int(doc["trial_id"])
+            trial = self._trial_of_run[doc["uid"]]
+        else:
+            run = doc.get("run_start") or doc.get("descriptor")
+            trial = self._trial_of_run.get(doc.get("run_start", ""), None)
+            if trial is None and name == "event":
+                trial = self._trial_of_descriptor.get(run)
+            if trial is None:
+                return
+            if name == "descriptor":
+                self._trial_of_descriptor[doc["uid"]] = trial
+        self.ledger.record_document(trial, name, doc)
+        if name == "stop":
+            self._trial_of_run.pop(doc.get("run_start", ""), None)
 
 
 class CampaignObserver:
@@ -140,14 +210,43 @@ class CampaignRuntime:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         settings = settings or Settings()
         self.ledger = Ledger.for_directory(self.output_dir, spec.store or settings.ledger_url)
-        self.campaign_id, self.resumed = self.ledger.open_campaign(
-            spec.name, spec.model_dump(mode="json"), spec.seed)
+        spec_json = spec.model_dump(mode="json")
+        self.campaign_id, self.resumed = self.ledger.open_campaign(spec.name, spec_json, spec.seed)
+        recorded = self.ledger.campaign(self.campaign_id).spec or {}
+        changed = _spec_differences(recorded, spec_json) if self.resumed else {}
+        what = [k for k in changed if k in IDENTITY_FIELDS]
+        if what:
+            raise CampaignRefused(
+                f"campaign {spec.name!r} in {self.ledger.url} was recorded with other {', '.join(what)}; a "
+                "resumed campaign must keep what it optimises (its planner's history would not fit). "
+                "Change it back, or run the new file under another name or --output (--fresh discards "
+                f"the old record). Recorded: {', '.join(f'{k}={changed[k][0]}' for k in what)}")
+        self.lock_owner = _lock_owner()
+        holder = self.ledger.acquire(self.campaign_id, self.lock_owner, LOCK_LEASE, _holder_is_dead)
+        if holder is not None:
+            raise CampaignRefused(
+                f"campaign {spec.name!r} is being run by {holder} (its lease is renewed every "
+                f"{LOCK_RENEW:g} s and lapses {LOCK_LEASE:g} s after its holder stops); wait for it to "
+                "finish, or stop it first")
+        try:
+            if changed:  # safe changes (budget, envelope, instruments, ...): taken, and recorded
+                log.warning("campaign %s: the file changed on resume: %s", spec.name, changed)
+                self.ledger.accept_spec_change(self.campaign_id, spec_json, changed)
+            self._build(spec, settings, observer, on_document)
+        except BaseException:
+            self.ledger.release(self.campaign_id, self.lock_owner)
+            raise
+
+    def _build(self, spec: CampaignSpec, settings: Settings, observer: CampaignObserver | None,
+               on_document: Any) -> None:
+        self.wall_before = float(self.ledger.campaign(self.campaign_id).wall_seconds or 0.0)
         self.problem = spec.problem()
         self.planner = make_planner(spec.planner.name, self.problem, spec.seed, spec.planner.options)
         # The bus first (it relays the ledger's news from now on), then the RunEngines on it.
         self.stream = CampaignStream(self.ledger, self.campaign_id, settings.stream_publish,
                                      settings.stream_subscribe).start()
-        callbacks = [self.stream.on_document] + ([on_document] if on_document else [])
+        # the ledger's journal first: a document is recorded before anyone else sees it
+        callbacks = [DocumentJournal(self.ledger), self.stream.on_document] + ([on_document] if on_document else [])
         self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
         self.models: LiveModels | None = None
         if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False):
@@ -160,10 +259,11 @@ class CampaignRuntime:
         self.stop_requested = threading.Event()
 
     def close(self) -> None:
-        """Stop the trainer and the stream (the ledger stays open for reading)."""
+        """Stop the trainer and the stream and let go of the campaign (the ledger stays open)."""
         if self.models is not None:
             self.models.stop()
         self.stream.stop()
+        self.ledger.release(self.campaign_id, self.lock_owner)
 
     def best(self) -> Best:
         ref = None
@@ -186,18 +286,34 @@ class CampaignRuntime:
     def recover(self) -> None:
         """Bring a resumed campaign to a consistent state before dispatching anything.
 
-        A trial left ``running`` by a crash may have run on the hardware: it is
-        abandoned (never rerun). ``proposed`` and ``approved`` trials never
-        reached an instrument and are dispatched as they are.
+        A trial left ``running`` by a crash: if its run's stop document is in the ledger (the
+        journal writes each document as it is emitted), the run finished and its result is
+        read from the documents and recorded (completed, or failed as the run says). Otherwise
+        it may have run on the hardware, so it is abandoned (never rerun). ``proposed`` and
+        ``approved`` trials never reached an instrument and are dispatched as they are.
         """
+        readers = {r.instrument.name: r.instrument for r in self.runners}
         for t in self.ledger.trials(self.campaign_id, ("running",)):
+            docs = self.ledger.documents(t.id)
+            stop = next((d for n, d in docs if n == "stop"), None)
+            inst = readers.get(t.instrument or "")
+            if stop is not None and inst is not None:
+                if stop.get("exit_status") == "success":
+                    try:
+                        obs = inst.result(docs)  # type: ignore[misc]
+                    except MeasurementError as exc:
+                        self.ledger.transition(t.id, "failed", "system", f"measurement failed: {exc}")
+                        continue
+                    self.ledger.complete(t.id, obs.values, obs.run_uid, reason=(
+                        "measured; recorded on resume from the run's documents (the campaign stopped "
+                        "after the measurement)"))
+                else:
+                    self.ledger.transition(t.id, "failed", "system",
+                                           f"the run ended {stop.get('exit_status')}: {stop.get('reason', '')}")
+                continue
             self.ledger.transition(t.id, "abandoned", "system",
                                    "the campaign stopped while this trial ran; not rerun, since it may "
                                    "have used material; re-queue it by hand if it did not")
-
-
-def _runs_done(counts: dict[str, int]) -> int:
-    return counts["completed"] + counts["failed"]
 
 
 @flow(name="labpilot-campaign", persist_result=False, validate_parameters=False, log_prints=False)
@@ -205,8 +321,10 @@ def campaign_flow(runtime: CampaignRuntime) -> CampaignResult:
     """The closed loop for one campaign, until its budget is spent or it is stopped."""
     t_start = time.monotonic()
     runtime.recover()
+    runtime.ledger.mark_running(runtime.campaign_id)
     runtime.observer.started(runtime)
     loop = _Dispatcher(runtime, t_start)
+    loop.lease.start()
     try:
         status, reason = loop.run()
     except KeyboardInterrupt:
@@ -217,11 +335,41 @@ def campaign_flow(runtime: CampaignRuntime) -> CampaignResult:
         runtime.ledger.finish_campaign(runtime.campaign_id, "stopped", reason)
     else:
         runtime.ledger.finish_campaign(runtime.campaign_id, status, reason)
+    finally:
+        loop.lease.stop()
     result = CampaignResult(runtime.campaign_id, runtime.output_dir, status, reason,
                             runtime.ledger.counts(runtime.campaign_id), runtime.best(),
                             time.monotonic() - t_start, runtime.timings)
     runtime.observer.finished(runtime, result)
     return result
+
+
+class _Lease(threading.Thread):
+    """Renews the campaign's lock every LOCK_RENEW seconds and records its wall time so far, on a
+    thread of its own, so a long proposal cannot let the lease lapse."""
+
+    def __init__(self, runtime: CampaignRuntime, wall_seconds: Any) -> None:
+        super().__init__(name="labpilot-lease", daemon=True)
+        self.rt, self.wall_seconds = runtime, wall_seconds
+        self._stop_event = threading.Event()
+        self.lost = threading.Event()
+        self.lost_to = ""
+
+    def run(self) -> None:
+        while not self._stop_event.wait(LOCK_RENEW):
+            self.renew()
+
+    def renew(self) -> None:
+        try:
+            if not self.rt.ledger.renew(self.rt.campaign_id, self.rt.lock_owner, LOCK_LEASE, self.wall_seconds()):
+                self.lost_to = self.rt.ledger.campaign(self.rt.campaign_id).lock_owner or "another process"
+                self.lost.set()
+        except Exception:  # noqa: BLE001 - a database hiccup: try again at the next renewal
+            log.exception("could not renew the campaign's lock")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.renew()  # the last wall time
 
 
 class _Dispatcher:
@@ -231,6 +379,7 @@ class _Dispatcher:
         self.rt = runtime
         self.ledger, self.cid, self.spec = runtime.ledger, runtime.campaign_id, runtime.spec
         self.t_start = t_start
+        self.lease = _Lease(runtime, self.wall_seconds)
         self.done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
         self.free = list(runtime.runners)
         self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
@@ -333,14 +482,21 @@ class _Dispatcher:
         if self.consecutive_vetoes >= MAX_CONSECUTIVE_VETOES:
             return "failed", (f"{self.consecutive_vetoes} proposals in a row were vetoed; the safety "
                               "envelope and the search space disagree")
-        if budget.max_wall_time is not None and time.monotonic() - self.t_start >= budget.max_wall_time:
-            return "finished", "wall-time budget spent"
+        if self.lease.lost.is_set():
+            return "failed", (f"the campaign's lock lapsed and {self.lease.lost_to} took it over; this "
+                              "process stops dispatching")
+        if budget.max_wall_time is not None and self.wall_seconds() >= budget.max_wall_time:
+            return "finished", "wall-time budget spent (all sessions together)"
         return None
+
+    def wall_seconds(self) -> float:
+        """Wall time the campaign has run: earlier sessions (from the ledger) and this one."""
+        return self.rt.wall_before + time.monotonic() - self.t_start
 
     def run(self) -> tuple[str, str]:
         while True:
-            counts = self.ledger.counts(self.cid)
-            room = self.spec.budget.max_trials - _runs_done(counts) - len(self.in_flight)
+            # what reached an instrument counts, abandoned trials too (a crash must not buy runs)
+            room = self.spec.budget.max_trials - self.ledger.runs_done(self.cid) - len(self.in_flight)
             stop = self.stop_reason()
             if not self.in_flight and (stop is not None or room <= 0):
                 return stop or ("finished", "budget of trials spent")

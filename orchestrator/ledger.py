@@ -26,6 +26,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -59,6 +60,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ACTORS = ("planner", "operator", "system")
 
 
+class CampaignRefused(Exception):
+    """This campaign cannot start here now (another process runs it; its file changed what it
+    is); the message says what to do. Nothing recorded was changed."""
+
+
 class IllegalTransition(ValueError):
     """A trial was asked to change state in a way the lifecycle does not allow."""
 
@@ -81,10 +87,18 @@ class CampaignRow(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: wall time the campaign has run, all its sessions together (kept current while it runs)
+    wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True, default=0.0)
+    #: who runs it now (``host:pid:token``) and until when the lease holds unless renewed
+    lock_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lock_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: changes of the campaign file accepted on resume: ``[{"at", "changed": {field: [old, new]}}]``
+    spec_changes: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class TrialRow(Base):
     __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("campaign_id", "number", name="uq_trial_number"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
@@ -150,6 +164,18 @@ class ProposalRow(Base):
     trial: Mapped[TrialRow] = relationship(back_populates="proposal")
 
 
+class DocumentRow(Base):
+    """An event-model document of a trial's run, written as the RunEngine emits it: the stop
+    document is in the ledger before the run returns, so a crash after the measurement and
+    before the outcome was recorded still leaves the result (and recovery completes the trial)."""
+
+    __tablename__ = "documents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), index=True)
+    name: Mapped[str] = mapped_column(String(20))
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class ModelVersionRow(Base):
     """One surrogate model version: what it was trained on, how well, and where it is saved."""
 
@@ -171,7 +197,9 @@ class ModelVersionRow(Base):
 
 # Columns added after a ledger format was first released: (table, column, SQL type).
 _ADDED_COLUMNS = (("proposals", "model_unseen", "INTEGER"), ("proposals", "ood_score", "FLOAT"),
-                  ("proposals", "model_state", "JSON"), ("proposals", "inputs", "JSON"))
+                  ("proposals", "model_state", "JSON"), ("proposals", "inputs", "JSON"),
+                  ("campaigns", "wall_seconds", "FLOAT"), ("campaigns", "lock_owner", "VARCHAR(200)"),
+                  ("campaigns", "lock_expires", "TIMESTAMP"), ("campaigns", "spec_changes", "JSON"))
 
 
 def sqlite_url(directory: str | Path) -> str:
@@ -195,7 +223,7 @@ class Ledger:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
         self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; serialising our own writes avoids busy retries.
@@ -211,6 +239,22 @@ class Ledger:
             except Exception:  # noqa: BLE001 - the record is safe; only the news is lost
                 log.exception("ledger: a listener failed on %s", topic)
 
+    def _create_tables(self) -> None:
+        """Create what is missing; another process creating the same tables at the same moment
+        (two commands opening a new ledger) is not an error."""
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except (OperationalError, ProgrammingError):
+                if attempt == 2:
+                    raise
+                import time
+
+                time.sleep(0.2)
+
     def _add_missing_columns(self) -> None:
         """Bring a ledger written by an earlier labpilot up to date (new nullable columns only)."""
         from sqlalchemy import inspect, text
@@ -220,6 +264,10 @@ class Ledger:
             for table, column, sql_type in _ADDED_COLUMNS:
                 if column not in {c["name"] for c in inspector.get_columns(table)}:
                     conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+            # a ledger from before trial numbers were unique per campaign
+            if "uq_trial_number" not in {i["name"] for i in inspector.get_indexes("trials")} | \
+                    {c["name"] for c in inspector.get_unique_constraints("trials")}:
+                conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS uq_trial_number ON trials (campaign_id, number)"))
 
     @classmethod
     def for_directory(cls, directory: str | Path, url: str | None = None) -> Ledger:
@@ -236,16 +284,38 @@ class Ledger:
 
     # ---- campaigns ----------------------------------------------------------
     def open_campaign(self, name: str, spec: dict[str, Any], seed: int) -> tuple[int, bool]:
-        """The campaign's id, creating it if new; returns ``(id, resumed)``."""
+        """The campaign's id, creating it if new (status ``created``); returns ``(id, resumed)``.
+        An existing campaign is not changed: :meth:`mark_running` says when it really runs, so a
+        start-up that fails leaves a finished campaign finished."""
+        from sqlalchemy.exc import IntegrityError
+
+        for _ in range(2):
+            try:
+                with self._write() as s:
+                    row = s.scalar(select(CampaignRow).where(CampaignRow.name == name))
+                    if row is not None:
+                        return row.id, True
+                    row = CampaignRow(name=name, spec=spec, seed=seed, status="created", wall_seconds=0.0)
+                    s.add(row)
+                    s.flush()
+                    return row.id, False
+            except IntegrityError:  # another process created it a moment ago: open that one
+                continue
+        raise RuntimeError(f"could not open campaign {name!r} in {self.url}")
+
+    def mark_running(self, campaign_id: int) -> None:
         with self._write() as s:
-            row = s.scalar(select(CampaignRow).where(CampaignRow.name == name))
-            if row is not None:
-                row.status = "running"
-                return row.id, True
-            row = CampaignRow(name=name, spec=spec, seed=seed, status="running")
-            s.add(row)
-            s.flush()
-            return row.id, False
+            row = s.get(CampaignRow, campaign_id)
+            assert row is not None
+            row.status, row.stop_reason, row.finished_at = "running", None, None
+
+    def accept_spec_change(self, campaign_id: int, spec: dict[str, Any], changed: dict[str, Any]) -> None:
+        """Record a campaign file changed on resume in ways that are safe (budget, envelope, ...)."""
+        with self._write() as s:
+            row = s.get(CampaignRow, campaign_id)
+            assert row is not None
+            row.spec = spec
+            row.spec_changes = [*(row.spec_changes or []), {"at": utcnow().isoformat(), "changed": changed}]
 
     def campaign(self, campaign_id: int | None = None) -> CampaignRow:
         with self._sessions() as s:
@@ -351,13 +421,13 @@ class Ledger:
         return trial
 
     def complete(self, trial_id: int, values: dict[str, float], run_uid: str,
-                 units: dict[str, str] | None = None) -> None:
+                 units: dict[str, str] | None = None, reason: str = "measured") -> None:
         """Record a trial's observation and mark it completed, in one transaction."""
         with self._write() as s:
-            trial = self._transition(s, trial_id, "completed", "system", "measured", run_uid=run_uid)
+            trial = self._transition(s, trial_id, "completed", "system", reason, run_uid=run_uid)
             s.add(ObservationRow(trial_id=trial_id, values=_jsonable(values), units=units or {},
                                  run_uid=run_uid))
-            body = _trial_body(trial, "running", "system", "measured") if self.listeners else {}
+            body = _trial_body(trial, "running", "system", reason) if self.listeners else {}
         if body:
             self._notify("trial", {**body, "outcomes": _jsonable(values), "units": units or {}})
 
@@ -419,14 +489,85 @@ class Ledger:
         with self._sessions() as s:
             rows = s.scalars(
                 select(TrialRow).where(TrialRow.campaign_id == campaign_id,
-                                       TrialRow.state.in_(("completed", "failed", "vetoed")))
+                                       TrialRow.state.in_(("completed", "failed", "vetoed", "abandoned")))
                 .order_by(TrialRow.number).options(selectinload(TrialRow.observation))).all()
         for t in rows:
             if t.state == "completed" and t.observation is not None:
                 out.append((t.number, HistoryItem(t.parameters, "completed", dict(t.observation.values))))
             elif t.state in ("failed", "vetoed"):
                 out.append((t.number, HistoryItem(t.parameters, "failed")))
+            elif t.state == "abandoned" and t.started_at is not None:  # it reached an instrument
+                out.append((t.number, HistoryItem(t.parameters, "abandoned")))
         return out
+
+    def runs_done(self, campaign_id: int) -> int:
+        """Trials that reached an instrument and are over (completed, failed, or abandoned after
+        they started): what the trial budget counts."""
+        with self._sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(TrialRow).where(
+                TrialRow.campaign_id == campaign_id, TrialRow.started_at.is_not(None),
+                TrialRow.state.in_(("completed", "failed", "abandoned")))) or 0)
+
+    # ---- run documents ----------------------------------------------------------
+    def record_document(self, trial_id: int, name: str, doc: dict[str, Any]) -> None:
+        with self._write() as s:
+            s.add(DocumentRow(trial_id=trial_id, name=name, doc=_jsonable(doc)))
+
+    def documents(self, trial_id: int) -> list[tuple[str, dict[str, Any]]]:
+        """The trial's run documents in the order they were emitted."""
+        with self._sessions() as s:
+            rows = s.scalars(select(DocumentRow).where(DocumentRow.trial_id == trial_id)
+                             .order_by(DocumentRow.id)).all()
+        return [(r.name, r.doc) for r in rows]
+
+    # ---- who runs the campaign ---------------------------------------------------
+    def acquire(self, campaign_id: int, owner: str, lease_seconds: float,
+                holder_is_dead: Callable[[str], bool] | None = None) -> str | None:
+        """Take the campaign's lock for ``owner`` for ``lease_seconds``; ``None`` on success, else
+        who holds it. A lease that expired, or whose holder ``holder_is_dead`` says is gone (a
+        process on this host that no longer exists), is taken over. Works on any database: one
+        conditional UPDATE decides."""
+        from sqlalchemy import or_, update
+
+        now = utcnow()
+        with self._write() as s:
+            row = s.get(CampaignRow, campaign_id)
+            assert row is not None
+            holder = row.lock_owner
+            dead = holder is not None and holder_is_dead is not None and holder_is_dead(holder)
+            cond = [CampaignRow.id == campaign_id]
+            if not dead:
+                cond.append(or_(CampaignRow.lock_owner.is_(None), CampaignRow.lock_owner == owner,
+                                CampaignRow.lock_expires < now))
+            else:
+                cond.append(CampaignRow.lock_owner == holder)
+            result = s.execute(update(CampaignRow).where(*cond).values(
+                lock_owner=owner, lock_expires=_later(now, lease_seconds)).execution_options(
+                synchronize_session=False))
+            if result.rowcount == 1:
+                return None
+            s.expire_all()
+            return s.get(CampaignRow, campaign_id).lock_owner or "another process"
+
+    def renew(self, campaign_id: int, owner: str, lease_seconds: float, wall_seconds: float) -> bool:
+        """Extend ``owner``'s lease and record the campaign's wall time so far; False if the lock
+        was taken by someone else (the lease ran out)."""
+        from sqlalchemy import update
+
+        with self._write() as s:
+            result = s.execute(update(CampaignRow).where(CampaignRow.id == campaign_id,
+                                                         CampaignRow.lock_owner == owner)
+                               .values(lock_expires=_later(utcnow(), lease_seconds),
+                                       wall_seconds=wall_seconds)
+                               .execution_options(synchronize_session=False))
+            return result.rowcount == 1
+
+    def release(self, campaign_id: int, owner: str) -> None:
+        from sqlalchemy import update
+
+        with self._write() as s:
+            s.execute(update(CampaignRow).where(CampaignRow.id == campaign_id, CampaignRow.lock_owner == owner)
+                      .values(lock_owner=None, lock_expires=None).execution_options(synchronize_session=False))
 
     def counts(self, campaign_id: int) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -455,6 +596,12 @@ class Ledger:
                         "started_at": t.started_at, "finished_at": t.finished_at})
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def _later(now: datetime, seconds: float) -> datetime:
+    from datetime import timedelta
+
+    return now + timedelta(seconds=seconds)
 
 
 def _trial_body(trial: TrialRow, from_state: str | None, actor: str, reason: str) -> dict[str, Any]:

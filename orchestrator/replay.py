@@ -55,7 +55,7 @@ def replay_campaign(ledger: Ledger, campaign_id: int) -> list[ReplayedProposal]:
         t = by_number[number]
         if t.state == "completed" and t.observation is not None:
             return HistoryItem(t.parameters, "completed", dict(t.observation.values))
-        return HistoryItem(t.parameters, "failed")
+        return HistoryItem(t.parameters, "abandoned" if t.state == "abandoned" else "failed")
 
     out: list[ReplayedProposal] = []
     asked: dict[tuple, list] = {}  # one ask per recorded batch

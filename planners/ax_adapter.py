@@ -257,6 +257,8 @@ class AxPlanner(Planner):
             index = client.attach_trial(parameters=self._to_ax(item.parameters))
             if item.state == "completed":
                 client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
+            elif item.state == "abandoned":  # tried, no result: Ax must not propose it again either
+                client.mark_trial_abandoned(trial_index=index)
             else:
                 client.mark_trial_failed(trial_index=index)
         for point in pending:
@@ -429,6 +431,8 @@ class AxNativePlanner(AxPlanner):
                 index = client.attach_trial(parameters=self._to_ax(item.parameters))
             if item.state == "completed":
                 client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
+            elif item.state == "abandoned":  # tried, no result: Ax must not propose it again either
+                client.mark_trial_abandoned(trial_index=index)
             else:
                 client.mark_trial_failed(trial_index=index)
             self._told.append(key)

@@ -14,13 +14,15 @@ from planners.space import Objective, OutcomeConstraint, SearchSpace
 class HistoryItem:
     """One finished trial as a planner sees it.
 
-    ``state`` is ``completed`` (``outcomes`` holds the measurements) or
-    ``failed`` (the experiment failed there: data about where not to go).
-    Abandoned trials are not history: an operator pulled them.
+    ``state`` is ``completed`` (``outcomes`` holds the measurements),
+    ``failed`` (the experiment failed there: data about where not to go) or
+    ``abandoned`` (it reached an instrument and yielded no result: tried, so not
+    to be proposed again by accident, and a step of a sequence design, but no
+    evidence about the point either way).
     """
 
     parameters: dict[str, Any]
-    state: Literal["completed", "failed"]
+    state: Literal["completed", "failed", "abandoned"]
     outcomes: dict[str, float] = field(default_factory=dict)
 
 
