@@ -134,3 +134,73 @@ def test_a_sigkilled_campaign_takes_its_temporary_prefect_server_with_it(tmp_pat
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, "the temporary Prefect server outlived the campaign"
+
+
+def test_two_runs_on_one_directory_one_runs_the_other_says_who_holds_it(tmp_path, prefect_api_url):
+    """On main two runs started together made 61 trials for a budget of 60, numbered 17 twice,
+    ran 5 experiments twice, and both exited 0."""
+    path = tmp_path / "campaign.yaml"
+    path.write_text(CAMPAIGN.format(seed=2, trials=6, planner="sobol"))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "LABPILOT_TEST_LATENCY": "0.3",
+           "LABPILOT_TEST_JOURNAL": str(tmp_path / "journal.txt"), "PYTHONPATH": str(ROOT)}
+    procs = [_launch(path, tmp_path / "run", env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = " ".join(next(err for code, err in results if code == 2).split())
+    assert "is being run by" in refused
+    assert f":{procs[0].pid}:" in refused or f":{procs[1].pid}:" in refused  # the holder, by host:pid
+    runs = [line for line in (tmp_path / "journal.txt").read_text().split("\n") if line.startswith("run ")]
+    assert len(runs) == len(set(runs)) == 6
+    ledger = Ledger(sqlite_url(tmp_path / "run"))
+    trials = ledger.trials(ledger.campaign().id)
+    assert sorted(t.number for t in trials) == list(range(1, 7))
+    assert all(t.state == "completed" for t in trials)
+    ledger.close()
+
+
+def test_a_resumed_file_that_changes_what_is_optimised_is_refused_and_nothing_changes(tmp_path, prefect_api_url):
+    """On main a parameter added on resume was accepted, then bo crashed with KeyError."""
+    from orchestrator.cli import main
+
+    text = CAMPAIGN.format(seed=4, trials=3, planner="sobol").replace(
+        "device: 'tests.journal_device:make_reactor', outcomes: [y], timeout: 20", "simulator: branin, latency: 0.01")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    path.write_text(text.replace("  - {name: x2, type: float, lower: 0, upper: 15}\n",
+                                 "  - {name: x2, type: float, lower: 0, upper: 15}\n"
+                                 "  - {name: x3, type: float, lower: 0, upper: 1}\n"))
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 2
+    ledger = Ledger(sqlite_url(out))
+    campaign = ledger.campaign()
+    assert campaign.status == "finished" and len(campaign.spec["parameters"]) == 2
+    assert campaign.lock_owner is None
+    # a safe change (a larger budget) is taken and recorded
+    path.write_text(text.replace("max_trials: 3", "max_trials: 4"))
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    campaign = ledger.campaign()
+    assert ledger.runs_done(campaign.id) == 4 and campaign.spec_changes[-1]["changed"]["budget"][1]["max_trials"] == 4
+    ledger.close()
+
+
+def test_the_wall_time_budget_counts_every_session(tmp_path, prefect_api_url):
+    """On main a 12 s budget ran 62 s over 3 resumes: each resume started the clock again."""
+    from orchestrator.cli import main
+
+    text = CAMPAIGN.format(seed=5, trials=1000, planner="random").replace(
+        "device: 'tests.journal_device:make_reactor', outcomes: [y], timeout: 20", "simulator: branin, latency: 0.2"
+    ).replace("budget: {max_trials: 1000}", "budget: {max_trials: 1000, max_wall_time: 2}")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    ledger = Ledger(sqlite_url(out))
+    cid = ledger.campaign().id
+    first = ledger.runs_done(cid)
+    assert first >= 2 and ledger.campaign().wall_seconds >= 2
+    assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    assert ledger.runs_done(cid) == first  # the budget was already spent
+    assert "wall-time budget spent" in ledger.campaign().stop_reason
+    ledger.close()
