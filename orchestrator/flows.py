@@ -27,7 +27,7 @@ from instruments import Instrument, InstrumentRunner, InstrumentTimeout, Measure
 from orchestrator.learning import CampaignStream, LiveModels
 from orchestrator.ledger import CampaignRefused, Ledger
 from orchestrator.report import Best, best_so_far
-from orchestrator.safety import veto_reason
+from orchestrator.safety import check_point
 from orchestrator.settings import Settings
 from orchestrator.spec import CampaignSpec, InstrumentSpec
 from planners import Planner, Proposal, make_planner
@@ -390,31 +390,35 @@ class _Dispatcher:
         self.backlog = [t.id for t in self.ledger.trials(self.cid, ("proposed", "approved"))]
 
     # ---- steps ---------------------------------------------------------------
-    def submit(self, runner: InstrumentRunner, trial_id: int) -> None:
+    def submit(self, runner: InstrumentRunner, trial_id: int, parameters: dict[str, Any]) -> None:
+        """Start the trial on ``runner`` with ``parameters``: what the gate returned, never
+        anything it has not seen."""
         trial = self.ledger.trial(trial_id)
         self.ledger.transition(trial_id, "running", "system", f"started on {runner.instrument.name}",
                                instrument=runner.instrument.name)
         self.rt.observer.trial_changed(self.rt, trial.number, "running", runner.instrument.name)
-        self.in_flight[trial_id] = trial.parameters
+        self.in_flight[trial_id] = parameters
         self.numbers[trial_id] = trial.number
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
-              "parameters": trial.parameters, "outcome_keys": runner.instrument.data_keys}
-        fut = run_trial.submit(runner, trial_id, trial.parameters, md)
+              "parameters": parameters, "outcome_keys": runner.instrument.data_keys}
+        fut = run_trial.submit(runner, trial_id, parameters, md)
         fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
 
-    def gate(self, trial_id: int, reason: str) -> bool:
-        """The safety veto, then approval (policy: auto); True when approved."""
+    def gate(self, trial_id: int, reason: str) -> dict[str, Any] | None:
+        """The safety gate, then approval (policy: auto): the parameters to send, each of its
+        declared type, or ``None`` (vetoed, and recorded). Every dispatch passes it, a trial a
+        crashed run had already approved too: the envelope may have been tightened since, and a
+        ledger can be edited by hand."""
         trial = self.ledger.trial(trial_id)
-        if trial.state == "approved":
-            return True
-        why = veto_reason(trial.parameters, self.rt.problem.space, self.spec.safety)
+        point, why = check_point(trial.parameters, self.rt.problem.space, self.spec.safety)
         if why:
             self.ledger.transition(trial_id, "vetoed", "system", why)
             self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
-            return False
-        self.ledger.transition(trial_id, "approved", "system", reason)
-        return True
+            return None
+        if trial.state != "approved":
+            self.ledger.transition(trial_id, "approved", "system", reason)
+        return point
 
     def dispatch(self, room: int) -> None:
         """Fill free stations: first the backlog, then fresh proposals."""
@@ -422,8 +426,9 @@ class _Dispatcher:
         planner_seconds = 0.0
         while self.backlog and self.free and room > 0:
             tid = self.backlog.pop(0)
-            if self.gate(tid, "resumed: passed the safety envelope"):
-                self.submit(self.free.pop(0), tid)
+            point = self.gate(tid, "resumed: passed the safety envelope")
+            if point is not None:
+                self.submit(self.free.pop(0), tid, point)
                 room -= 1
         n = min(len(self.free), room)
         if n > 0:
@@ -441,9 +446,10 @@ class _Dispatcher:
             self.rt.timings["propose"].append(planner_seconds)
             for i, p in enumerate(proposals):
                 tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i})
-                if self.gate(tid, "passed the safety envelope (approval policy: auto)"):
+                point = self.gate(tid, "passed the safety envelope (approval policy: auto)")
+                if point is not None:
                     self.consecutive_vetoes = 0
-                    self.submit(self.free.pop(0), tid)
+                    self.submit(self.free.pop(0), tid, point)
                 else:
                     self.consecutive_vetoes += 1
         # Orchestration alone: ledger writes, safety gate, task submission (not the planner).

@@ -50,7 +50,7 @@ STATES = ("proposed", "vetoed", "approved", "running", "completed", "failed", "a
 FINAL_STATES = frozenset({"vetoed", "completed", "failed", "abandoned"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "proposed": frozenset({"vetoed", "approved", "abandoned"}),
-    "approved": frozenset({"running", "abandoned"}),
+    "approved": frozenset({"running", "abandoned", "vetoed"}),  # every dispatch passes the gate
     "running": frozenset({"completed", "failed", "abandoned"}),
     "vetoed": frozenset(),
     "completed": frozenset(),
