@@ -591,6 +591,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     """Run the stream's proxy alone, for a campaign whose processes live on several hosts."""
     from orchestrator.stream import Proxy, StreamError
 
+    wide = [a for a in (args.publish, args.subscribe) if not _is_loopback(a)]
+    if wide:
+        err_console.print(Text(f"warning: binding {', '.join(wide)} beyond this host: the stream has no "
+                               "authentication yet, so anyone who can reach these ports can read the campaign's "
+                               "documents and publish forged ones; bind 127.0.0.1 unless the network is yours "
+                               "alone"), soft_wrap=True)
     try:
         proxy = Proxy(args.publish, args.subscribe).start()
     except StreamError as exc:
@@ -605,6 +611,15 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         proxy.stop()
     return EXIT_OK
+
+
+def _is_loopback(address: str) -> bool:
+    """``tcp://127.x.x.x:port``, ``tcp://localhost:port``, ``tcp://[::1]:port``, ``ipc://`` or ``inproc://``."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
@@ -715,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
     p.set_defaults(func=cmd_trainer)
     p = sub.add_parser("proxy", help="run the stream's proxy, for a campaign that spans hosts")
-    p.add_argument("--publish", default="tcp://0.0.0.0:5577", help="address publishers connect to")
-    p.add_argument("--subscribe", default="tcp://0.0.0.0:5578", help="address subscribers connect to")
+    p.add_argument("--publish", default="tcp://127.0.0.1:5577",
+                   help="address publishers connect to (loopback by default; the stream has no authentication yet)")
+    p.add_argument("--subscribe", default="tcp://127.0.0.1:5578", help="address subscribers connect to")
     p.set_defaults(func=cmd_proxy)
     return parser
 

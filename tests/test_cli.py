@@ -236,3 +236,13 @@ def test_campaign_clash_allows_the_same_campaign_and_a_shared_store(run_dir, wri
     assert cli._campaign_clash(shared, run_dir, Settings()) is None
     assert cli._campaign_clash(other, Path(run_dir.parent / "empty"), Settings()) is None
     assert "holds campaign 'demo'" in cli._campaign_clash(other, run_dir, Settings())
+
+
+def test_proxy_binds_loopback_by_default_and_warns_when_told_to_bind_wider(capsys):
+    """On main `labpilot proxy` bound 0.0.0.0 by default, with no authentication."""
+    from orchestrator.cli import _is_loopback, build_parser
+
+    args = build_parser().parse_args(["proxy"])
+    assert _is_loopback(args.publish) and _is_loopback(args.subscribe)
+    assert not _is_loopback("tcp://0.0.0.0:5577") and not _is_loopback("tcp://10.0.0.5:5577")
+    assert _is_loopback("tcp://[::1]:5577") and _is_loopback("ipc:///tmp/x")
