@@ -331,4 +331,5 @@ def test_ctrl_c_to_the_process_group_stops_within_seconds_and_a_rerun_resumes(
 
     assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
     ledger, cid = _ledger(out)
-    assert ledger.counts(cid)["completed"] == 3
+    # the abandoned trial reached the instrument: it is one of the budget's 3 runs
+    assert ledger.counts(cid)["completed"] == 2 and ledger.runs_done(cid) == 3
