@@ -303,6 +303,10 @@ class _StuckSignal(Signal):
         if owner.hang_set:
             super().put(value)
             return DeviceStatus(owner)  # never finished
+        if owner.fail_set is not None:
+            status = DeviceStatus(owner)
+            status.set_exception(owner.fail_set)
+            return status
         return super().set(value, **kwargs)
 
 
@@ -320,6 +324,7 @@ class _Reactor(Device):
         self.how = "sleep"
         self.hang_set = False
         self.fail_with: BaseException | None = None
+        self.fail_set: BaseException | None = None
         self.release = threading.Event()
 
     def wait_blocked(self) -> None:
@@ -365,7 +370,7 @@ def _reactor_runner(device, timeout: float = 1.0):
 
 
 def _assert_runner_recovers(runner, device) -> None:
-    device.block, device.hang_set, device.fail_with = None, False, None
+    device.block, device.hang_set, device.fail_with, device.fail_set = None, False, None, None
     observation, docs = runner.run({"x": 1.5}, {"trial_id": 2})
     assert observation.values == {"y": 3.0}
     assert _only(docs, "stop")["exit_status"] == "success"
@@ -405,8 +410,12 @@ def test_set_whose_status_never_finishes_times_out_and_the_runner_carries_on(rea
     _assert_runner_recovers(runner, reactor)
 
 
-def test_failed_status_reports_the_devices_own_message(reactor):
-    reactor.fail_with = RuntimeError("[/dev/ttyUSB0] no response")
+@pytest.mark.parametrize("step", ["trigger", "set"])
+def test_failed_status_reports_the_devices_own_message(reactor, step):
+    if step == "trigger":
+        reactor.fail_with = RuntimeError("[/dev/ttyUSB0] no response")
+    else:
+        reactor.fail_set = RuntimeError("[/dev/ttyUSB0] no response")
     runner, docs = _reactor_runner(reactor, timeout=5.0)
 
     with pytest.raises(MeasurementError) as info:
@@ -441,3 +450,45 @@ def test_failed_status_of_a_custom_plan_still_reports_the_devices_own_message(re
 
     assert "[/dev/ttyUSB0] no response" in str(info.value)
     assert "DeviceStatus(" not in str(info.value)
+
+
+def test_abort_returns_at_once_while_a_device_call_blocks_the_run(reactor):
+    """RunEngine.abort waits for the RunEngine's loop; the runner's abort must not (the flow
+    calls it to stop a campaign)."""
+    reactor.block, reactor.how = "trigger", "forever"
+    runner, _ = _reactor_runner(reactor, timeout=1.0)
+    t = threading.Thread(target=lambda: pytest.raises(InstrumentTimeout, runner.run, {"x": 1.0}, {}),
+                         daemon=True)
+    t.start()
+    while runner.activity != "measuring reactor":
+        time.sleep(0.01)
+
+    t0 = time.monotonic()
+    runner.abort("operator stop")
+
+    assert time.monotonic() - t0 < 0.2
+    t.join(5)
+    assert not t.is_alive()
+    assert len(runner.abandoned) == 1 and "trigger() of reactor" in runner.abandoned[0]
+
+
+def test_experiment_plan_bounds_its_status_waits_without_the_runners_watchdog(reactor):
+    """Run on a bare RunEngine (no watchdog), the plan's own timeout ends a move that never
+    finishes, and the stop document names it."""
+    from bluesky import RunEngine
+
+    from instruments import experiment_plan
+
+    reactor.hang_set = True
+    docs: list[tuple[str, dict]] = []
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        RE(experiment_plan(reactor, {"x": 1.0}, {}, timeout=0.3))
+
+    assert time.monotonic() - t0 < 2.0
+    stop = _only(docs, "stop")
+    assert stop["exit_status"] == "fail"
+    assert "moving reactor_x did not finish within 0.3 s" in stop["reason"]
