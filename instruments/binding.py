@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import keyword
 import math
 import re
@@ -11,7 +12,8 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
-from bluesky.utils import Msg
+from bluesky.run_engine import WaitForTimeoutError
+from bluesky.utils import FailedStatus, Msg, short_uid
 
 Documents = list[tuple[str, dict[str, Any]]]
 PlanFactory = Callable[[Any, dict[str, Any], dict[str, Any]], Generator[Msg, Any, Any]]
@@ -44,10 +46,13 @@ def signal_attr(name: str) -> str:
     return attr
 
 
-def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any]) -> Generator[Msg, Any, Any]:
+def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any], *,
+                    timeout: float | None = None) -> Generator[Msg, Any, Any]:
     """One experiment: open a run (``md`` goes into its start document), move every parameter
     signal of ``device`` to its setpoint, trigger the device and read it once.
 
+    ``timeout`` bounds the wait for each status (the moves, the trigger); a status that fails
+    ends the run with the device's own message in the stop document's reason.
     Yields bluesky messages; returns the run uid.
     """
 
@@ -56,11 +61,49 @@ def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any])
         moves: list[Any] = []
         for name, value in parameters.items():
             moves += [getattr(device, signal_attr(name)), value]
-        if moves:
-            yield from bps.mv(*moves)
-        yield from bps.trigger_and_read([device])
+        try:
+            if moves:
+                step = f"moving {', '.join(m.name for m in moves[::2])}"
+                yield from bps.mv(*moves, timeout=timeout)
+            step = f"trigger of {device.name}"
+            group = short_uid("trigger")
+            yield from bps.trigger(device, group=group)
+            yield from bps.wait(group=group, timeout=timeout)
+        except FailedStatus as exc:
+            raise MeasurementError(device_error_text(exc)) from exc
+        except WaitForTimeoutError as exc:  # bluesky's text says neither what nor how long
+            raise TimeoutError(f"{step} did not finish within {timeout:g} s") from exc
+        yield from bps.create("primary")
+        yield from bps.read(device)
+        yield from bps.save()
 
     return (yield from inner())
+
+
+def device_error_text(error: BaseException) -> str:
+    """What went wrong, in the device's own words: bluesky's ``FailedStatus`` carries only the
+    status object; the device's exception is its cause (``status.exception()``)."""
+    while isinstance(error, FailedStatus):
+        status = error.args[0] if error.args else None
+        cause = error.__cause__
+        if cause is None and status is not None and hasattr(status, "exception"):
+            try:
+                cause = status.exception(timeout=0)
+            except Exception:  # an ophyd status that is not done yet: nothing more to say
+                cause = None
+        device = getattr(getattr(status, "device", None), "name", None) or getattr(status, "obj", None)
+        where = f"{device}: " if isinstance(device, str) else ""
+        if cause is None:
+            return f"{where}status failed without saying why"
+        if isinstance(cause, FailedStatus):
+            error = cause
+            continue
+        if where and str(device) in str(cause):  # the device already named itself
+            where = ""
+        return f"{where}{type(cause).__name__}: {cause}" if str(cause) else f"{where}{type(cause).__name__}"
+    if isinstance(error, MeasurementError):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def outcome_keys(device: Any, outcomes: list[str]) -> dict[str, str]:
@@ -113,6 +156,18 @@ class Instrument:
         if self.result is None:
             keys = outcome_keys(self.device, self.outcomes)
             self.result = lambda docs: read_observation(docs, keys)
+
+    def plan_for(self, parameters: dict[str, Any], md: dict[str, Any],
+                 timeout: float | None = None) -> Generator[Msg, Any, Any]:
+        """This instrument's plan for one trial; ``timeout`` goes to a plan factory that takes one
+        (as :func:`experiment_plan` does), to bound its status waits."""
+        try:
+            takes_timeout = "timeout" in inspect.signature(self.plan).parameters
+        except (TypeError, ValueError):  # a callable without a signature: call it as documented
+            takes_timeout = False
+        if takes_timeout:
+            return self.plan(self.device, parameters, md, timeout=timeout)  # type: ignore[call-arg]
+        return self.plan(self.device, parameters, md)
 
     @property
     def data_keys(self) -> dict[str, str]:

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from bluesky import RunEngine
 from bluesky.utils import RunEngineInterrupted
 
-from instruments.binding import Documents, Instrument, MeasurementError, Observation
+from instruments.binding import (
+    Documents,
+    Instrument,
+    MeasurementError,
+    Observation,
+    device_error_text,
+)
 
 _ACTIVITY = {"set": "moving", "trigger": "measuring", "read": "reading", "open_run": "starting run",
              "close_run": "closing run", "wait": "waiting"}
 
+# How long, after the timeout, a run may take to wind down once aborted; a run that has not
+# ended by then is stuck in a device call and is abandoned.
+ABORT_GRACE_S = 1.0
+
 
 class InstrumentTimeout(MeasurementError):
-    """The instrument did not finish a trial in time; the run was aborted."""
+    """The instrument did not finish a trial in time; the run was aborted (or, when a device
+    call never returned, abandoned)."""
 
 
 class InstrumentRunner:
@@ -24,73 +36,137 @@ class InstrumentRunner:
 
     ``on_document(name, doc)`` sees every document (to stream them);
     ``activity`` says what the instrument is doing, for the console.
+    ``abandoned`` lists, one line each, the runs given up on because a device call
+    blocked the RunEngine past the timeout (their threads are left to finish or hang).
     """
 
     def __init__(self, instrument: Instrument,
                  on_document: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.instrument = instrument
-        # No context managers: the RunEngine runs in a worker thread, where SIGINT handling
-        # cannot be installed; the flow owns interruption.
-        self.RE = RunEngine({}, context_managers=[])
-        self.RE.msg_hook = self._on_msg
+        self._on_document = on_document
         self._docs: Documents = []
         self._lock = threading.Lock()
+        self._step: tuple[str, str, float] | None = None  # (command, object name, since)
         self.activity = "idle"
-        self.RE.subscribe(self._collect)
-        if on_document is not None:
-            self.RE.subscribe(on_document)
+        self.abandoned: list[str] = []
+        self.RE = self._fresh_run_engine()
 
-    def _collect(self, name: str, doc: dict[str, Any]) -> None:
-        self._docs.append((name, doc))
+    def _fresh_run_engine(self) -> RunEngine:
+        """A RunEngine with its own event loop thread, wired to this runner."""
+        # No context managers: the RunEngine runs in a worker thread, where SIGINT handling
+        # cannot be installed; the flow owns interruption.
+        RE = RunEngine({}, context_managers=[])
 
-    def _on_msg(self, msg: Any) -> None:
-        what = _ACTIVITY.get(msg.command)
-        if what:
-            target = getattr(msg.obj, "name", "")
-            self.activity = f"{what} {target}".strip()
+        def collect(name: str, doc: dict[str, Any]) -> None:
+            if self.RE is RE:  # an abandoned run's late documents belong to no trial of ours
+                self._docs.append((name, doc))
+
+        def on_msg(msg: Any) -> None:
+            if self.RE is not RE:
+                return
+            self._step = (msg.command, getattr(msg.obj, "name", "") or "", time.monotonic())
+            what = _ACTIVITY.get(msg.command)
+            if what:
+                self.activity = f"{what} {self._step[1]}".strip()
+
+        RE.msg_hook = on_msg
+        RE.subscribe(collect)
+        if self._on_document is not None:
+            # Late documents of an abandoned run (its stop, once the device call returns) still
+            # go to the stream: they are the truth about that run.
+            RE.subscribe(self._on_document)
+        return RE
+
+    def abort(self, reason: str) -> None:
+        """Ask the current run to abort, without waiting: ``RunEngine.abort`` blocks until the
+        RunEngine's loop takes the request, which never happens while a device call blocks it."""
+        RE = self.RE
+        if RE.state == "idle":
+            return
+
+        def request() -> None:
+            try:
+                RE.abort(reason=reason)
+            except Exception:  # the run ended meanwhile: nothing to abort
+                pass
+
+        threading.Thread(target=request, name=f"{self.instrument.name}-abort", daemon=True).start()
 
     def run(self, parameters: dict[str, Any], md: dict[str, Any], timeout: float | None = None) -> tuple[Observation, Documents]:
         """Run one experiment; return its observation and documents.
 
-        Raises ``InstrumentTimeout`` after ``timeout`` seconds (the run is aborted
-        and its stop document says so) and ``MeasurementError`` when the run
-        fails. Never leaves the RunEngine busy.
+        Raises ``InstrumentTimeout`` within ``timeout`` (+ ``ABORT_GRACE_S``) seconds: the run
+        is aborted and its stop document says so; if a device call blocks the RunEngine and the
+        run cannot even be aborted, it is abandoned and the next trial gets a fresh RunEngine.
+        Raises ``MeasurementError`` when the run fails, with the device's own message. Never
+        leaves the runner busy.
         """
         limit = timeout if timeout is not None else self.instrument.timeout
         with self._lock:
             self._docs = []
-            timed_out = threading.Event()
+            self._step = None
+            RE = self.RE
+            outcome: dict[str, BaseException] = {}
+            # The plan's own status timeouts are a backstop for when it runs without this watchdog
+            # (another RunEngine); here the watchdog's abort comes first.
+            plan = self.instrument.plan_for(parameters, md, timeout=limit + ABORT_GRACE_S / 2)
 
-            def watchdog() -> None:
-                if self.RE.state != "idle":  # a run that just finished is not a timeout
-                    timed_out.set()
-                    self.RE.abort(reason=f"timed out after {limit:g} s")
+            def execute() -> None:
+                try:
+                    RE(plan)
+                except BaseException as exc:  # interrupted, a failed status, a device error
+                    outcome["error"] = exc
 
-            timer = threading.Timer(limit, watchdog)
-            timer.daemon = True
-            timer.start()
-            error: BaseException | None = None
-            try:
-                self.RE(self.instrument.plan(self.instrument.device, parameters, md))
-            except RunEngineInterrupted as exc:
-                error = exc
-            except Exception as exc:  # a failed status, a device error: the run's stop doc says which
-                error = exc
-            finally:
-                timer.cancel()
-                if self.RE.state != "idle":
-                    self.RE.abort(reason="cleanup after error")
-                self.activity = "idle"
+            # The RunEngine is driven from a thread of its own so that this one can keep time:
+            # RE(...) does not return while a device call blocks the RunEngine's loop.
+            worker = threading.Thread(target=execute, name=f"{self.instrument.name}-run", daemon=True)
+            t0 = time.monotonic()
+            worker.start()
+            worker.join(limit)
+            timed_out = worker.is_alive()
+            stuck = ""
+            if timed_out:
+                self.abort(f"timed out after {limit:g} s")
+                worker.join(ABORT_GRACE_S)
+                if worker.is_alive():
+                    stuck = self._abandon(RE, time.monotonic() - t0)
+            self.activity = "idle"
+            error = outcome.get("error")
+            if not timed_out and RE.state != "idle":  # paranoia: never leave the RunEngine busy
+                self.abort("cleanup after error")
             docs = list(self._docs)
-            if timed_out.is_set():
+            if timed_out or _is_timeout(error):
+                detail = f": {stuck}" if stuck else (
+                    f" ({device_error_text(error)})" if _is_timeout(error) else "")
+                then = "the next trial gets a fresh RunEngine" if stuck else "the run was aborted"
                 raise InstrumentTimeout(
-                    f"instrument {self.instrument.name!r} did not finish within {limit:g} s; "
-                    "the run was aborted (raise the instrument's 'timeout' if it is just slow)"
-                )
+                    f"instrument {self.instrument.name!r} did not finish within {limit:g} s{detail}; "
+                    f"{then} (raise the instrument's 'timeout' if it is just slow)"
+                ) from error
             try:
                 observation = self.instrument.result(docs)  # type: ignore[misc]
-            except MeasurementError as exc:
-                if error is not None:
-                    raise MeasurementError(f"{exc} ({type(error).__name__}: {error})") from error
+            except MeasurementError:
+                if error is not None and not isinstance(error, RunEngineInterrupted):
+                    start = next((d for n, d in docs if n == "start"), None)
+                    run = f"run {start['uid']} " if start else ""
+                    raise MeasurementError(f"{run}failed: {device_error_text(error)}") from error
                 raise
             return observation, docs
+
+    def _abandon(self, RE: RunEngine, elapsed: float) -> str:
+        """Give up on ``RE``, whose loop is stuck in a device call; say which call."""
+        command, obj, since = self._step or ("plan", self.instrument.name, time.monotonic() - elapsed)
+        what = f"{command}() of {obj or self.instrument.name}"
+        line = f"{what} blocked for {time.monotonic() - since:.2g} s and did not return; abandoned"
+        self.abandoned.append(line)
+        self.RE = self._fresh_run_engine()
+        return line
+
+
+def _is_timeout(error: BaseException | None) -> bool:
+    """Whether the run failed because a status or a wait timed out (the plan's own timeouts)."""
+    while error is not None:
+        if isinstance(error, TimeoutError):
+            return True
+        error = error.__cause__
+    return False

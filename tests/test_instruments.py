@@ -5,9 +5,14 @@ RunEngine ready for the next trial; tables of real experiments answer with their
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pandas as pd
 import pytest
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+from ophyd.status import DeviceStatus
 
 from instruments import (
     Instrument,
@@ -284,3 +289,206 @@ def test_analytic_problems_declare_the_domain_of_their_botorch_function(name):
     fn = {"branin": tf.Branin(), "hartmann6": tf.Hartmann(dim=6), "branincurrin": tf.BraninCurrin()}[name]
     problem = ANALYTIC[name]()
     assert [(p.lower, p.upper) for p in problem.parameters] == [tuple(map(float, b)) for b in fn.bounds.T]
+
+
+# ---- device calls that block, and statuses that fail with the device's own message -------
+class _StuckSignal(Signal):
+    """A parameter signal whose ``set()`` either blocks (``block_set``) or returns a status
+    that never finishes (``hang_set``)."""
+
+    def set(self, value, **kwargs):
+        owner = self.parent
+        if owner.block == "set":
+            owner.wait_blocked()
+        if owner.hang_set:
+            super().put(value)
+            return DeviceStatus(owner)  # never finished
+        if owner.fail_set is not None:
+            status = DeviceStatus(owner)
+            status.set_exception(owner.fail_set)
+            return status
+        return super().set(value, **kwargs)
+
+
+class _Reactor(Device):
+    """A stand-in for a real driver: ``block`` names the call (``trigger``, ``set``, ``read``,
+    ``describe``) that blocks its caller (``how``: ``sleep`` 30 s, or ``forever`` on an Event),
+    ``fail_with`` is the exception its trigger status fails with."""
+
+    x = Cpt(_StuckSignal, value=0.0, kind="normal")
+    y = Cpt(Signal, value=0.0, kind="hinted")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block: str | None = None
+        self.how = "sleep"
+        self.hang_set = False
+        self.fail_with: BaseException | None = None
+        self.fail_set: BaseException | None = None
+        self.release = threading.Event()
+
+    def wait_blocked(self) -> None:
+        if self.how == "sleep":
+            time.sleep(30)
+        else:
+            self.release.wait()
+
+    def trigger(self):
+        if self.block == "trigger":
+            self.wait_blocked()
+        status = DeviceStatus(self)
+        if self.fail_with is not None:
+            status.set_exception(self.fail_with)
+        else:
+            self.y.put(2.0 * self.x.get())
+            status.set_finished()
+        return status
+
+    def read(self):
+        if self.block == "read":
+            self.wait_blocked()
+        return super().read()
+
+    def describe(self):
+        if self.block == "describe":
+            self.wait_blocked()
+        return super().describe()
+
+
+@pytest.fixture
+def reactor():
+    device = _Reactor(name="reactor")
+    yield device
+    device.release.set()  # let a thread parked in a call end with the test
+
+
+def _reactor_runner(device, timeout: float = 1.0):
+    docs: list[tuple[str, dict]] = []
+    runner = InstrumentRunner(Instrument(name="reactor", device=device, outcomes=["y"], timeout=timeout),
+                              on_document=lambda n, d: docs.append((n, d)))
+    return runner, docs
+
+
+def _assert_runner_recovers(runner, device) -> None:
+    device.block, device.hang_set, device.fail_with, device.fail_set = None, False, None, None
+    observation, docs = runner.run({"x": 1.5}, {"trial_id": 2})
+    assert observation.values == {"y": 3.0}
+    assert _only(docs, "stop")["exit_status"] == "success"
+    assert _only(docs, "start")["trial_id"] == 2
+
+
+@pytest.mark.parametrize("call", ["trigger", "set", "read", "describe"])
+@pytest.mark.parametrize("how", ["sleep", "forever"])
+def test_device_call_that_blocks_times_out_on_time_and_the_runner_carries_on(reactor, call, how):
+    reactor.block, reactor.how = call, how
+    runner, _ = _reactor_runner(reactor, timeout=1.0)
+
+    t0 = time.monotonic()
+    with pytest.raises(InstrumentTimeout) as info:
+        runner.run({"x": 1.0}, {"trial_id": 1})
+    elapsed = time.monotonic() - t0
+
+    assert elapsed < 2.5, f"the 1 s timeout took {elapsed:.1f} s"
+    # describe() is called by the RunEngine while it handles the first read of the device
+    blocked = "read" if call == "describe" else call
+    assert f"{blocked}() of reactor" in str(info.value) and "abandoned" in str(info.value)
+    assert "did not finish within 1 s" in str(info.value)
+    assert runner.activity == "idle"
+    _assert_runner_recovers(runner, reactor)
+
+
+def test_set_whose_status_never_finishes_times_out_and_the_runner_carries_on(reactor):
+    reactor.hang_set = True
+    runner, docs = _reactor_runner(reactor, timeout=1.0)
+
+    t0 = time.monotonic()
+    with pytest.raises(InstrumentTimeout, match="did not finish within 1 s"):
+        runner.run({"x": 1.0}, {"trial_id": 1})
+
+    assert time.monotonic() - t0 < 2.5
+    assert _only(docs, "stop")["exit_status"] == "abort"
+    _assert_runner_recovers(runner, reactor)
+
+
+@pytest.mark.parametrize("step", ["trigger", "set"])
+def test_failed_status_reports_the_devices_own_message(reactor, step):
+    if step == "trigger":
+        reactor.fail_with = RuntimeError("[/dev/ttyUSB0] no response")
+    else:
+        reactor.fail_set = RuntimeError("[/dev/ttyUSB0] no response")
+    runner, docs = _reactor_runner(reactor, timeout=5.0)
+
+    with pytest.raises(MeasurementError) as info:
+        runner.run({"x": 1.0}, {"trial_id": 1})
+
+    text = str(info.value)
+    assert not isinstance(info.value, InstrumentTimeout)
+    assert "[/dev/ttyUSB0] no response" in text
+    assert "DeviceStatus(" not in text and "FailedStatus" not in text
+    assert _only(docs, "start")["uid"] in text
+    stop = _only(docs, "stop")
+    assert stop["exit_status"] == "fail"
+    assert "[/dev/ttyUSB0] no response" in stop["reason"]  # the ledger and stream see it too
+    _assert_runner_recovers(runner, reactor)
+
+
+def test_failed_status_of_a_custom_plan_still_reports_the_devices_own_message(reactor):
+    """A plan factory of the campaign's own (here: bluesky's trigger_and_read) gets no help from
+    our plan; the runner finds the message through FailedStatus -> status.exception()."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+
+    def plan(device, parameters, md):
+        return (yield from bpp.run_wrapper(bps.trigger_and_read([device]), md=md))
+
+    reactor.fail_with = RuntimeError("[/dev/ttyUSB0] no response")
+    runner = InstrumentRunner(Instrument(name="reactor", device=reactor, outcomes=["y"], plan=plan,
+                                         timeout=5.0))
+
+    with pytest.raises(MeasurementError) as info:
+        runner.run({}, {"trial_id": 1})
+
+    assert "[/dev/ttyUSB0] no response" in str(info.value)
+    assert "DeviceStatus(" not in str(info.value)
+
+
+def test_abort_returns_at_once_while_a_device_call_blocks_the_run(reactor):
+    """RunEngine.abort waits for the RunEngine's loop; the runner's abort must not (the flow
+    calls it to stop a campaign)."""
+    reactor.block, reactor.how = "trigger", "forever"
+    runner, _ = _reactor_runner(reactor, timeout=1.0)
+    t = threading.Thread(target=lambda: pytest.raises(InstrumentTimeout, runner.run, {"x": 1.0}, {}),
+                         daemon=True)
+    t.start()
+    while runner.activity != "measuring reactor":
+        time.sleep(0.01)
+
+    t0 = time.monotonic()
+    runner.abort("operator stop")
+
+    assert time.monotonic() - t0 < 0.2
+    t.join(5)
+    assert not t.is_alive()
+    assert len(runner.abandoned) == 1 and "trigger() of reactor" in runner.abandoned[0]
+
+
+def test_experiment_plan_bounds_its_status_waits_without_the_runners_watchdog(reactor):
+    """Run on a bare RunEngine (no watchdog), the plan's own timeout ends a move that never
+    finishes, and the stop document names it."""
+    from bluesky import RunEngine
+
+    from instruments import experiment_plan
+
+    reactor.hang_set = True
+    docs: list[tuple[str, dict]] = []
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        RE(experiment_plan(reactor, {"x": 1.0}, {}, timeout=0.3))
+
+    assert time.monotonic() - t0 < 2.0
+    stop = _only(docs, "stop")
+    assert stop["exit_status"] == "fail"
+    assert "moving reactor_x did not finish within 0.3 s" in stop["reason"]
