@@ -520,7 +520,7 @@ class _Dispatcher:
         """Abort every run in flight and record those trials as abandoned by the operator."""
         for runner in self.rt.runners:
             if runner.RE.state != "idle":
-                runner.RE.abort(reason=reason)
+                runner.abort(reason)  # never blocks, even when a device call has the RunEngine stuck
         for trial_id in list(self.in_flight):
             self.ledger.transition(trial_id, "abandoned", "operator", reason)
 
