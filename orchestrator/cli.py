@@ -586,8 +586,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- the stream's own processes -----------------------------------------------------
 def cmd_proxy(args: argparse.Namespace) -> int:
     """Run the stream's proxy alone, for a campaign whose processes live on several hosts."""
-    from orchestrator.stream import Proxy, StreamError
+    from orchestrator.stream import Proxy, StreamError, is_loopback
 
+    exposed = [a for a in (args.publish, args.subscribe) if not is_loopback(a)]
+    if exposed:
+        err_console.print(f"[bold yellow]warning[/]: the stream proxy binds {escape(', '.join(exposed))}, beyond "
+                          "this host's loopback, and the stream has no authentication yet: anyone who can "
+                          "reach these ports can read the campaign's documents and publish forged ones. "
+                          "Bind such addresses only on a trusted lab network (a firewall limited to the "
+                          "lab's hosts).")
     try:
         proxy = Proxy(args.publish, args.subscribe).start()
     except StreamError as exc:
@@ -712,8 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
     p.set_defaults(func=cmd_trainer)
     p = sub.add_parser("proxy", help="run the stream's proxy, for a campaign that spans hosts")
-    p.add_argument("--publish", default="tcp://0.0.0.0:5577", help="address publishers connect to")
-    p.add_argument("--subscribe", default="tcp://0.0.0.0:5578", help="address subscribers connect to")
+    # loopback by default: the stream has no authentication yet, so reaching other hosts is a
+    # choice made on purpose (cmd_proxy warns when it is made)
+    p.add_argument("--publish", default="tcp://127.0.0.1:5577",
+                   help="address publishers connect to (tcp://0.0.0.0:5577 for other hosts; no authentication yet)")
+    p.add_argument("--subscribe", default="tcp://127.0.0.1:5578",
+                   help="address subscribers connect to (tcp://0.0.0.0:5578 for other hosts; no authentication yet)")
     p.set_defaults(func=cmd_proxy)
     return parser
 
