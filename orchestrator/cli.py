@@ -589,9 +589,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- the stream's own processes -----------------------------------------------------
 def cmd_proxy(args: argparse.Namespace) -> int:
     """Run the stream's proxy alone, for a campaign whose processes live on several hosts."""
-    from orchestrator.stream import Proxy, StreamError
+    from orchestrator.stream import Proxy, StreamError, is_loopback
 
-    wide = [a for a in (args.publish, args.subscribe) if not _is_loopback(a)]
+    wide = [a for a in (args.publish, args.subscribe) if not is_loopback(a)]
     if wide:
         err_console.print(Text(f"warning: binding {', '.join(wide)} beyond this host: the stream has no "
                                "authentication yet, so anyone who can reach these ports can read the campaign's "
@@ -611,15 +611,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         proxy.stop()
     return EXIT_OK
-
-
-def _is_loopback(address: str) -> bool:
-    """``tcp://127.x.x.x:port``, ``tcp://localhost:port``, ``tcp://[::1]:port``, ``ipc://`` or ``inproc://``."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:

@@ -82,11 +82,85 @@ def next_version_number(ledger: Ledger, campaign_id: int) -> int:
     return max((v.number for v in ledger.model_versions(campaign_id)), default=0) + 1
 
 
-def feed_trainer(trainer: Any, ledger: Ledger, campaign_id: int, subscriber: Subscriber) -> Listener:
+class LedgerCheck:
+    """A bluesky callback between the stream and the trainer: every document goes through, but a
+    run's result reaches the trainer only when the ledger holds that run as a trial of this
+    campaign (the trainer trains on results the ledger holds, never on what merely arrived).
+
+    At the run's stop document its start must name a ``trial_id`` of this campaign whose state
+    is ``running`` or ``completed`` (the flow writes ``running`` before the run starts, and the
+    stop may arrive before the ledger records the completion), whose parameters are the start's,
+    and, once the ledger has recorded the run's uid, the same uid. Otherwise the run is counted
+    in :attr:`untrusted`, logged on ``labpilot.learning`` and forgotten by the trainer.
+
+    This checks plausibility against the ledger, not who sent the documents: anyone who can
+    reach the proxy can still repeat a real run's documents. Authenticated publishers (ZeroMQ
+    CURVE keys per station) belong to the multi-host deployment, a later step.
+    """
+
+    TRUSTED_STATES = ("running", "completed")
+
+    def __init__(self, trainer: Any, ledger: Ledger, campaign_id: int, max_open_runs: int = 10_000) -> None:
+        self.trainer, self.ledger, self.campaign_id = trainer, ledger, campaign_id
+        self.max_open_runs = max_open_runs
+        self.untrusted = 0
+        self._starts: dict[str, dict[str, Any]] = {}  # run uid -> its start document
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start" and isinstance(doc.get("uid"), str):
+            if len(self._starts) >= self.max_open_runs:  # starts never stopped (forged, or a crash)
+                oldest = next(iter(self._starts))
+                del self._starts[oldest]
+                self._forget(oldest)
+            self._starts[doc["uid"]] = doc
+        elif name == "stop" and isinstance(doc.get("run_start"), str):
+            uid = doc["run_start"]
+            start = self._starts.pop(uid, None)
+            # a failed run yields no training point, only a failure count: not worth a ledger read
+            if start is not None and doc.get("exit_status") == "success":
+                why = self.untrusted_because(start)
+                if why:
+                    self.untrusted += 1
+                    log.warning("trainer: not training on run %s: %s (%d untrusted runs so far)",
+                                uid, why, self.untrusted)
+                    self._forget(uid)
+                    return
+        self.trainer(name, doc)
+
+    def untrusted_because(self, start: dict[str, Any]) -> str:
+        """Why the run this start document opened is not a result of the campaign ("" if it is)."""
+        trial_id = start.get("trial_id")
+        if not isinstance(trial_id, int) or isinstance(trial_id, bool):
+            return f"its trial_id {trial_id!r} is not a trial id"
+        try:
+            trial = self.ledger.trial(trial_id)
+        except LookupError:
+            return f"the ledger has no trial {trial_id}"
+        if trial.campaign_id != self.campaign_id:
+            return f"trial {trial_id} belongs to campaign {trial.campaign_id}, not {self.campaign_id}"
+        if trial.state not in self.TRUSTED_STATES:
+            return f"trial {trial_id} is {trial.state} in the ledger, not running or completed"
+        if dict(trial.parameters) != start.get("parameters"):
+            return f"its parameters {start.get('parameters')!r} are not trial {trial_id}'s {dict(trial.parameters)!r}"
+        if trial.run_uid is not None and trial.run_uid != start.get("uid"):
+            return f"trial {trial_id} was measured by run {trial.run_uid}, not this one"
+        return ""
+
+    def _forget(self, uid: str) -> None:
+        forget = getattr(self.trainer, "forget", None)
+        if forget is not None:
+            forget(uid)
+
+
+def feed_trainer(trainer: Any, ledger: Ledger, campaign_id: int, subscriber: Subscriber,
+                 check: LedgerCheck | None = None) -> Listener:
     """Start ``trainer`` on a campaign: the results the ledger already holds first, then every
-    run's documents from ``subscriber`` (which takes the ``doc`` topic); returns the listener."""
+    run's documents from ``subscriber`` (which takes the ``doc`` topic), through ``check`` (a
+    :class:`LedgerCheck` of its own unless given) so that only runs the ledger holds are
+    trained on; returns the listener."""
     trainer.catch_up(completed_results(ledger, campaign_id))
-    listener = Listener(subscriber, document_callback(trainer), name="labpilot-trainer-intake").start()
+    check = check or LedgerCheck(trainer, ledger, campaign_id)
+    listener = Listener(subscriber, document_callback(check), name="labpilot-trainer-intake").start()
     trainer.start()
     return listener
 

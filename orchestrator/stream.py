@@ -62,6 +62,29 @@ log = logging.getLogger("labpilot.stream")
 TOPICS = ("doc", "trial", "proposal", "veto", "model", "calibration")
 SYNC = "_sync"
 DEFAULT_HWM = 1_000_000  # messages queued per socket before ZeroMQ drops (a burst of a night's documents)
+#: the largest message a subscriber (and the proxy) takes, in bytes; ``LABPILOT_STREAM_MAX_MESSAGE``
+#: overrides it. A run's document is kilobytes; a bigger frame is a mistake or an attack, and one
+#: frame must not make a subscriber allocate and unpack without bound.
+DEFAULT_MAX_MESSAGE = 16 * 2**20
+#: a sequence number further than this ahead of the last one seen is implausible (no lab loses
+#: ten thousand messages in a row unnoticed); it is counted as bad and does not move the expected
+#: number, so one forged ``2**64 - 1`` cannot make every later real message look like a repeat
+MAX_SEQ_JUMP = 10_000
+
+
+def max_message_size() -> int:
+    """The configured message size limit: ``LABPILOT_STREAM_MAX_MESSAGE`` bytes, else 16 MiB."""
+    raw = os.environ.get("LABPILOT_STREAM_MAX_MESSAGE", "")
+    if not raw:
+        return DEFAULT_MAX_MESSAGE
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StreamError(f"LABPILOT_STREAM_MAX_MESSAGE={raw!r}: give a size in bytes, "
+                          f"e.g. {DEFAULT_MAX_MESSAGE}") from None
+    if value <= 0:
+        raise StreamError(f"LABPILOT_STREAM_MAX_MESSAGE={raw!r}: give a positive size in bytes")
+    return value
 
 
 def _encode_default(obj: Any) -> Any:
@@ -118,9 +141,11 @@ class Proxy:
     """
 
     def __init__(self, publish_address: str = "tcp://127.0.0.1:0",
-                 subscribe_address: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM) -> None:
+                 subscribe_address: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM,
+                 max_message: int | None = None) -> None:
         self._requested = (publish_address, subscribe_address)
         self.hwm = hwm
+        self.max_message = max_message if max_message is not None else max_message_size()
         self.publish_address = ""
         self.subscribe_address = ""
         self._ctx = zmq.Context()
@@ -148,6 +173,9 @@ class Proxy:
                 s.setsockopt(zmq.SNDHWM, self.hwm)
                 s.setsockopt(zmq.RCVHWM, self.hwm)
                 s.setsockopt(zmq.LINGER, 0)
+            # a publisher that sends an oversized frame is disconnected here, before any
+            # subscriber has to take it; the other publishers' connections are not touched
+            front.setsockopt(zmq.MAXMSGSIZE, self.max_message)
             self.publish_address = _bind(front, self._requested[0])
             self.subscribe_address = _bind(back, self._requested[1])
             control.bind(self._control_address)
@@ -181,6 +209,21 @@ class Proxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ZeroMQ address is reachable from this host only (ipc, inproc, 127.x, ::1, localhost)."""
+    import ipaddress
+
+    if not address.startswith(("tcp://", "ws://", "wss://")):
+        return address.startswith(("ipc://", "inproc://"))
+    host = address.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface or host name (eth0, *): taken as reachable from outside
+        return False
 
 
 def _bind(sock: zmq.Socket, address: str) -> str:
@@ -252,7 +295,12 @@ class Publisher:
 class _Stats:
     received: int = 0
     repeated: int = 0
+    #: frames dropped as not labpilot's (size, frame count, header, msgpack, types, sequence number)
+    bad: int = 0
     gaps: list[Gap] = field(default_factory=list)
+
+
+_MAX_NAMES = 10_000  # publisher names cached; beyond that (forged names) they are decoded each time
 
 
 class Subscriber:
@@ -262,16 +310,29 @@ class Subscriber:
     The first message seen from a publisher on a topic is taken as the start (a
     subscriber that joins late is not "missing" what came before: it catches up
     from the ledger), unless ``from_start`` says that publisher's numbering must
-    start at 1.
+    start at 1. A publisher that restarts under the same name begins again at 1,
+    and is followed from there.
+
+    A frame that is not a labpilot message (more than one frame, over ``max_message``
+    bytes, a header or body that does not parse, a body of the wrong types, a sequence
+    number of 0 or more than :data:`MAX_SEQ_JUMP` ahead) is counted in ``stats.bad``,
+    logged on ``labpilot.stream`` and skipped: one bad frame never stops a subscriber.
+    This is plausibility, not authentication: anyone who can reach the proxy can still
+    publish well-formed messages under any name. Authenticated publishers (ZeroMQ CURVE)
+    come with the multi-host deployment.
     """
 
     def __init__(self, address: str, topics: tuple[str, ...] = TOPICS, hwm: int = DEFAULT_HWM,
                  from_start: bool = False, on_gap: Callable[[Gap], None] | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, max_message: int | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
+        self.max_message = max_message if max_message is not None else max_message_size()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ refuses (and disconnects from) a peer that sends more; the length is checked
+        # again in _accept because transports such as inproc do not enforce this option
+        self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         for t in (*topics, SYNC):
             self._sock.setsockopt(zmq.SUBSCRIBE, t.encode() + b"\0")
         self._names: dict[bytes, str] = {}
@@ -280,6 +341,7 @@ class Subscriber:
         self.from_start = from_start
         self.on_gap = on_gap
         self._last: dict[tuple[str, str], int] = {}
+        self._suspect: dict[tuple[str, str], int] = {}  # an implausible jump, dropped, not yet believed
         self.stats = _Stats()
         self._synced = threading.Event()
         self._buffer: deque[Message] = deque()  # real messages that arrived while checking the link
@@ -289,8 +351,8 @@ class Subscriber:
         return self.stats.gaps
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        """The next message (``None`` after ``timeout`` seconds). Link checks and repeats are
-        consumed here and not returned."""
+        """The next message (``None`` after ``timeout`` seconds). Link checks, repeats and bad
+        frames are consumed here and not returned."""
         if self._buffer:
             return self._buffer.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -321,16 +383,39 @@ class Subscriber:
                 out.append(msg)
         return out
 
+    def _bad(self, why: str, size: int) -> None:
+        self.stats.bad += 1
+        n = self.stats.bad
+        if n <= 20 or n % 1000 == 0:  # a flood of garbage must not flood campaign.log
+            log.warning("stream: dropped a message that is not in labpilot's format (%s, %d bytes; "
+                        "%d dropped so far)", why, size, n)
+
     def _accept(self, frame: bytes) -> Message | None:
+        """``frame`` just received (the socket still tells whether more frames follow it) as a
+        message, or ``None`` (a link check, a repeat, a bad frame)."""
+        if self._sock.get(zmq.RCVMORE):  # labpilot sends one frame; take and drop the rest
+            parts = 1
+            while True:
+                parts += 1
+                self._sock.recv()
+                if not self._sock.get(zmq.RCVMORE):
+                    break
+            self._bad(f"{parts} frames, labpilot sends one", len(frame))
+            return None
+        if len(frame) > self.max_message:
+            self._bad(f"over the {self.max_message}-byte limit (LABPILOT_STREAM_MAX_MESSAGE)", len(frame))
+            return None
         try:
             cut = frame.index(b"\0")
             seq, t, size = _STAMP.unpack_from(frame, cut + 1)
             start = cut + 1 + _STAMP.size
             raw = frame[: cut], frame[start: start + size]
-            topic, publisher = (self._names.get(r) or self._names.setdefault(r, r.decode()) for r in raw)
+            if len(raw[1]) != size:
+                raise ValueError("name cut short")
+            topic, publisher = (self._names.get(r) or self._name(r) for r in raw)
             body_at = start + size
-        except (ValueError, struct.error, UnicodeDecodeError):
-            log.warning("stream: dropped a message that is not in labpilot's format (%d bytes)", len(frame))
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            self._bad(f"header: {exc}", len(frame))
             return None
         if topic == SYNC:
             self._synced.set()
@@ -339,8 +424,29 @@ class Subscriber:
         last = self._last.get(key)
         if last is None:
             last = 0 if self.from_start else seq - 1
+        elif seq == 1 and last >= 1:  # the publisher restarted under the same name
+            log.info("stream: %s restarted its numbering on %r (after #%d)", publisher, topic, last)
+            last = 0
+        if seq <= 0 or seq > last + MAX_SEQ_JUMP:
+            # held as suspect: when the next message continues from it (and none continued the
+            # old numbering in between) the jump was a real loss, and is reported as a gap
+            suspect = self._suspect.get(key)
+            if seq <= 0 or suspect is None or not suspect < seq <= suspect + MAX_SEQ_JUMP:
+                self._suspect[key] = seq
+                self._bad(f"sequence number {seq} of {publisher} on {topic!r} after #{last}", len(frame))
+                return None
         if seq <= last:
             self.stats.repeated += 1
+            return None
+        # the body is checked before the numbering moves: a bad frame under a real publisher's
+        # name must not make that publisher's next real message look like a repeat
+        try:
+            body = unpack(frame[body_at:])
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several kinds; any is a bad frame
+            self._bad(f"body is not msgpack: {type(exc).__name__}", len(frame))
+            return None
+        if not isinstance(body, dict):
+            self._bad(f"body is a {type(body).__name__}, not a map", len(frame))
             return None
         if seq > last + 1:
             gap = Gap(publisher, topic, last + 1, seq)
@@ -350,8 +456,15 @@ class Subscriber:
             if self.on_gap is not None:
                 self.on_gap(gap)
         self._last[key] = seq
+        self._suspect.pop(key, None)
         self.stats.received += 1
-        return Message(topic, publisher, seq, t, unpack(frame[body_at:]))
+        return Message(topic, publisher, seq, t, body)
+
+    def _name(self, raw: bytes) -> str:
+        name = raw.decode()
+        if len(self._names) < _MAX_NAMES:
+            self._names[raw] = name
+        return name
 
     def wait_linked(self, publisher: Publisher, timeout: float = 10.0) -> None:
         """Block until messages from ``publisher`` reach this subscriber (ZeroMQ drops what a
@@ -378,10 +491,20 @@ class Subscriber:
 
 
 def document_callback(callback: Callable[[str, dict[str, Any]], Any]) -> Callable[[Message], None]:
-    """Adapt a bluesky callback ``(name, doc)`` to messages: documents go to it, the rest not."""
+    """Adapt a bluesky callback ``(name, doc)`` to messages: documents go to it, the rest not.
+    A ``doc`` message without a string ``name`` and a map ``doc`` is logged, counted in the
+    adapter's ``skipped`` and not passed on."""
     def on_message(msg: Message) -> None:
         if msg.topic == "doc":
-            callback(msg.body["name"], msg.body["doc"])
+            name, doc = msg.body.get("name"), msg.body.get("doc")
+            if not isinstance(name, str) or not isinstance(doc, dict):
+                on_message.skipped += 1  # type: ignore[attr-defined]
+                if on_message.skipped <= 20 or on_message.skipped % 1000 == 0:  # type: ignore[attr-defined]
+                    log.warning("stream: skipped a document message from %s (#%d) without a string 'name' "
+                                "and a map 'doc'", msg.publisher, msg.seq)
+                return
+            callback(name, doc)
+    on_message.skipped = 0  # type: ignore[attr-defined]
     return on_message
 
 
@@ -403,7 +526,14 @@ class Listener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            msg = self.subscriber.recv(timeout=0.1)
+            try:
+                msg = self.subscriber.recv(timeout=0.1)
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # noqa: BLE001 - the subscriber skips bad frames; this is the last guard
+                log.exception("stream: receiving failed; the listener goes on")
+                time.sleep(0.1)  # a broken socket must not spin a core
+                continue
             if msg is None:
                 continue
             try:

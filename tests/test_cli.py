@@ -240,7 +240,8 @@ def test_campaign_clash_allows_the_same_campaign_and_a_shared_store(run_dir, wri
 
 def test_proxy_binds_loopback_by_default_and_warns_when_told_to_bind_wider(capsys):
     """On main `labpilot proxy` bound 0.0.0.0 by default, with no authentication."""
-    from orchestrator.cli import _is_loopback, build_parser
+    from orchestrator.cli import build_parser
+    from orchestrator.stream import is_loopback as _is_loopback
 
     args = build_parser().parse_args(["proxy"])
     assert _is_loopback(args.publish) and _is_loopback(args.subscribe)

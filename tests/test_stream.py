@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
+import msgpack
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
@@ -262,3 +264,107 @@ def test_a_result_lost_on_the_stream_is_filled_in_from_the_ledger(proxy, tmp_pat
     assert dropped and sorted(r.trial_id for r in seen) == sorted(ids)
     assert [r.source for r in seen if r.trial_id == dropped[0]] == ["ledger"]
     assert sub.gaps
+
+
+# ---- frames that are not labpilot's -------------------------------------------------
+def _frame(topic: str, seq: int, name: str, body: bytes) -> bytes:
+    """A frame as labpilot's Publisher builds it, with any sequence number and body."""
+    n = name.encode()
+    return topic.encode() + b"\0" + struct.pack(">QdB", seq, time.time(), len(n)) + n + body
+
+
+def _linked(sub: Subscriber, *pubs: Publisher) -> None:
+    for pub in pubs:  # each publisher's own link (a forger sends raw frames, so it must be up too)
+        sub._synced.clear()
+        sub.wait_linked(pub)
+
+
+def test_bad_frames_are_counted_and_skipped_and_the_listener_goes_on(proxy):
+    got: list = []
+    sub = Subscriber(proxy.subscribe_address, topics=("doc", "trial"))
+    pub, forger = Publisher(proxy.publish_address, name="station-1"), Publisher(proxy.publish_address)
+    _linked(sub, forger, pub)
+    skipped = []
+    documents = document_callback(lambda name, doc: skipped.append(name))
+    listener = Listener(sub, lambda m: documents(m) if m.topic == "doc" else got.append(m)).start()
+    try:
+        forger._sock.send_multipart([b"doc\0", b"a second frame"])
+        for frame in (b"doc\0short", _frame("doc", 1, "forger", b"\xc1\xc1"),  # header; not msgpack
+                      _frame("doc", 2, "forger", msgpack.packb([1, 2])),  # not a map
+                      _frame("doc", 3, "forger", msgpack.packb({"name": 5, "doc": "x"})),  # wrong types
+                      _frame("doc", 4, "forger", msgpack.packb({"doc": {}}))):  # no name
+            forger._sock.send(frame)
+        for i in range(5):
+            pub.publish("trial", {"i": i})
+        deadline = time.monotonic() + 10
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [m.body["i"] for m in got] == list(range(5))
+        assert sub.stats.bad == 4  # frame count, header, msgpack, not a map
+        assert documents.skipped == 2 and skipped == []  # well-formed messages, but not documents
+    finally:
+        listener.stop()
+
+
+def test_an_oversized_frame_is_refused_and_the_real_messages_after_it_arrive(proxy):
+    sub = Subscriber(proxy.subscribe_address, topics=("doc",))
+    pub, forger = Publisher(proxy.publish_address, name="station-1"), Publisher(proxy.publish_address)
+    _linked(sub, forger, pub)
+    forger._sock.send(_frame("doc", 1, forger.name, msgpack.packb({"name": "event", "doc": {"x": b"\0" * 50 * 2**20}})))
+    for i in range(20):
+        pub.publish("doc", {"name": "event", "doc": {"i": i}})
+    got = _collect(sub, 20, timeout=10)
+    assert [m.body["doc"]["i"] for m in got] == list(range(20))
+    assert sub.recv(timeout=0.3) is None  # the 50 MB frame never reached the subscriber
+
+
+def test_a_subscriber_counts_and_skips_a_frame_over_its_own_limit(proxy):
+    sub = Subscriber(proxy.subscribe_address, max_message=1000)
+    assert sub._accept(_frame("doc", 1, "p", msgpack.packb({"name": "event", "doc": {"x": "y" * 2000}}))) is None
+    assert sub.stats.bad == 1 and sub.stats.received == 0
+    sub.close()
+
+
+def test_a_forged_huge_sequence_number_does_not_hide_later_real_messages(proxy):
+    sub = Subscriber(proxy.subscribe_address, topics=("trial",))
+    pub, forger = Publisher(proxy.publish_address, name="station-1"), Publisher(proxy.publish_address)
+    _linked(sub, forger, pub)
+    for i in range(5):
+        pub.publish("trial", {"i": i})
+    assert len(_collect(sub, 5, timeout=5)) == 5
+    forger._sock.send(_frame("trial", 2**64 - 1, "station-1", msgpack.packb({"i": "forged"})))
+    time.sleep(0.2)
+    for i in range(5, 25):
+        pub.publish("trial", {"i": i})
+    got = _collect(sub, 20, timeout=10)
+    assert [m.body["i"] for m in got] == list(range(5, 25))
+    assert sub.stats.bad == 1 and sub.gaps == []
+
+
+def test_a_loss_beyond_the_jump_limit_is_believed_once_the_numbering_goes_on_from_it(proxy):
+    sub = Subscriber(proxy.subscribe_address, topics=("trial",))
+    pub = Publisher(proxy.publish_address, name="p")
+    sub.wait_linked(pub)
+    pub.publish("trial", {"i": 1})
+    pub._seq["trial"] += 50_000  # a night's worth lost on the way
+    for i in range(2, 5):
+        pub.publish("trial", {"i": i})
+    got = _collect(sub, 3, timeout=5)
+    assert [m.body["i"] for m in got] == [1, 3, 4]  # the first after the jump is held as suspect
+    assert sum(g.missing for g in sub.gaps) == 50_001 and sub.stats.bad == 1
+
+
+def test_a_publisher_restarted_under_its_name_is_followed_from_its_new_start(proxy):
+    sub = Subscriber(proxy.subscribe_address, topics=("trial",))
+    first = Publisher(proxy.publish_address, name="campaign-1")
+    sub.wait_linked(first)
+    for i in range(30):
+        first.publish("trial", {"i": i})
+    assert len(_collect(sub, 30, timeout=5)) == 30
+    first.close()
+    again = Publisher(proxy.publish_address, name="campaign-1")  # numbering starts at 1 again
+    _linked(sub, again)
+    for i in range(3):
+        again.publish("trial", {"i": 100 + i})
+    got = _collect(sub, 3, timeout=5)
+    assert [m.body["i"] for m in got] == [100, 101, 102]

@@ -159,33 +159,60 @@ class SurrogateTrainer:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.errors: list[str] = []
+        #: documents skipped because they lack the fields a run document has (see ``__call__``)
+        self.rejected = 0
 
     # ---- intake ---------------------------------------------------------------
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         """A bluesky callback: ``start`` (its ``trial_id`` and ``parameters``), ``event``
-        (the readings), ``stop`` (a result, or a failure)."""
+        (the readings), ``stop`` (a result, or a failure).
+
+        A document without the fields it needs, or with fields of the wrong types (a forged or
+        broken message off the stream), is counted in :attr:`rejected`, logged and skipped."""
+        try:
+            self._take(name, doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.rejected += 1
+            log.warning("surrogates: skipped a %r document that is not a valid run document (%s: %s); "
+                        "%d skipped so far", name, type(exc).__name__, exc, self.rejected)
+
+    def _take(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
-            key = doc.get("trial_id", doc["uid"])
+            uid = _text(doc["uid"], "uid")
+            key = doc.get("trial_id", uid)
+            hash(key)  # a key must be usable as one (a forged list is not)
             keys = {o: (doc.get("outcome_keys") or {}).get(o, k) for o, k in self.outcome_keys.items()}
-            self._runs[doc["uid"]] = _Run(key, dict(doc.get("parameters") or {}), keys)
+            parameters = doc.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise TypeError(f"parameters is a {type(parameters).__name__}, not a map")
+            self._runs[uid] = _Run(key, dict(parameters), keys)
         elif name == "event":
-            run = self._runs.get(self._run_of_descriptor.get(doc["descriptor"], ""))
+            run = self._runs.get(self._run_of_descriptor.get(_text(doc["descriptor"], "descriptor"), ""))
             if run is not None:
-                run.data.update(doc["data"])
+                data = doc["data"]
+                if not isinstance(data, dict):
+                    raise TypeError(f"data is a {type(data).__name__}, not a map")
+                run.data.update(data)
         elif name == "descriptor":
-            self._run_of_descriptor[doc["uid"]] = doc["run_start"]
+            self._run_of_descriptor[_text(doc["uid"], "uid")] = _text(doc["run_start"], "run_start")
         elif name == "stop":
-            run = self._runs.pop(doc["run_start"], None)
+            run = self.forget(_text(doc["run_start"], "run_start"))
             if run is None:
                 return
-            for d in [d for d, r in self._run_of_descriptor.items() if r == doc["run_start"]]:
-                del self._run_of_descriptor[d]
             outcomes = {o: run.data.get(k) for o, k in run.keys.items()}
             if doc.get("exit_status") == "success" and run.parameters and all(map(finite, outcomes.values())):
                 self.add_result(run.key, run.parameters, {k: float(v) for k, v in outcomes.items()},
                                 stop_time=float(doc.get("time", time.time())))
             else:
                 self.add_failure(run.key)
+
+    def forget(self, run_uid: str) -> _Run | None:
+        """Drop what is known of run ``run_uid`` (its stop came, or it is not to be trained on:
+        ``orchestrator.learning`` filters runs the ledger does not hold); returns it."""
+        run = self._runs.pop(run_uid, None)
+        for d in [d for d, r in self._run_of_descriptor.items() if r == run_uid]:
+            del self._run_of_descriptor[d]
+        return run
 
     def add_result(self, key: Any, parameters: dict[str, Any], outcomes: dict[str, float],
                    stop_time: float | None = None, check: bool = True) -> None:
@@ -348,6 +375,12 @@ class SurrogateTrainer:
                 raise RuntimeError(f"the surrogate trainer failed: {self.errors[-1]}")
             time.sleep(0.01)
         raise TimeoutError(f"no model on {n_points} results within {timeout:g} s")
+
+
+def _text(value: Any, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{field_name} is a {type(value).__name__}, not a string")
+    return value
 
 
 def _hash(X: torch.Tensor, Y: torch.Tensor) -> str:
