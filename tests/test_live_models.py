@@ -90,3 +90,64 @@ def test_a_version_trained_elsewhere_reaches_the_campaign_over_the_stream(tmp_pa
         follower.stop()
     finally:
         stream.stop()
+
+
+def test_the_trainer_learns_only_from_runs_the_ledger_holds_as_this_campaigns_trials(tmp_path):
+    from orchestrator.learning import LedgerCheck, feed_trainer
+    from orchestrator.stream import Proxy, Publisher
+    from planners.base import Proposal
+
+    ledger = Ledger.for_directory(tmp_path)
+    cid, _ = ledger.open_campaign("c", {}, 0)
+    other, _ = ledger.open_campaign("other", {}, 0)
+
+    def trial(campaign: int, x: float, state: str = "running") -> int:
+        tid = ledger.propose(campaign, Proposal(parameters={"x": x}, planner="random", seed=0))
+        if state != "proposed":
+            ledger.transition(tid, "approved", "system")
+            ledger.transition(tid, "running", "system")
+        return tid
+
+    real = [trial(cid, 0.1 * i) for i in range(5)]  # running: their stops come before the ledger's completion
+    done = trial(cid, 0.9)
+    ledger.complete(done, {"y": 0.81}, run_uid="the-real-run")
+    waiting, elsewhere = trial(cid, 0.7, state="proposed"), trial(other, 0.6)
+    trainer = SurrogateTrainer(PROBLEM, tmp_path, min_points=1)
+    trainer.catch_up = lambda results: None  # only what comes over the stream is counted here
+    with Proxy() as proxy:
+        pub = Publisher(proxy.publish_address, name="station-1")
+        sub = Subscriber(proxy.subscribe_address, topics=("doc",))
+        sub.wait_linked(pub)
+        check = LedgerCheck(trainer, ledger, cid)
+        listener = feed_trainer(trainer, ledger, cid, sub, check=check)
+        send = pub.document_callback("bench")
+
+        def run(uid: str, trial_id, x: float) -> None:
+            send("start", {"uid": uid, "trial_id": trial_id, "parameters": {"x": x}})
+            send("descriptor", {"uid": f"{uid}-d", "run_start": uid})
+            send("event", {"uid": f"{uid}-e", "descriptor": f"{uid}-d", "data": {"y": x * x}})
+            send("stop", {"uid": f"{uid}-s", "run_start": uid, "exit_status": "success"})
+
+        try:
+            for i, tid in enumerate(real):
+                run(f"run-{i}", tid, 0.1 * i)
+            run("forged-1", 9999, 0.5)  # no such trial
+            run("forged-2", real[0] + 100, 0.5)  # no such trial either
+            run("forged-3", waiting, 0.7)  # a trial that never reached an instrument
+            run("forged-4", elsewhere, 0.6)  # another campaign's trial
+            run("forged-5", "1", 0.0)  # not a trial id
+            run("forged-6", done, 0.9)  # a completed trial, measured by another run
+            deadline = time.monotonic() + 10
+            while check.untrusted < 6 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            run("forged-7", real[1], 0.55)  # a running trial, other parameters: sent last to see it too
+            while check.untrusted < 7 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert check.untrusted == 7
+            assert trainer.n_results == len(real)
+            assert trainer._runs == {}  # the forged runs are forgotten, not kept open
+        finally:
+            listener.stop()
+            trainer.stop()
+            pub.close()

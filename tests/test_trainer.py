@@ -262,3 +262,75 @@ def test_trainer_and_planner_run_on_each_device_there_is(tmp_path, device):
             planner.surrogate_source = FixedModels(version)
             prop = planner.ask(1, history, [])[0]
             assert prop.model_version == version.label and math.isfinite(prop.predicted_mean["y"])
+
+
+# ---- what reaches the trainer off the stream ------------------------------------------
+def _run_documents(callback, uid: str, trial_id, point: dict[str, float]) -> None:
+    """One run's documents as a RunEngine emits them (start, descriptor, event, stop)."""
+    y = float(load_problem("branin").evaluate(point)["y"])
+    callback("start", {"uid": uid, "time": time.time(), "trial_id": trial_id, "parameters": point})
+    callback("descriptor", {"uid": f"{uid}-d", "run_start": uid})
+    callback("event", {"uid": f"{uid}-e", "descriptor": f"{uid}-d", "data": {"y": y}})
+    callback("stop", {"uid": f"{uid}-s", "run_start": uid, "exit_status": "success", "time": time.time()})
+
+
+def test_a_document_without_the_fields_of_a_run_document_is_counted_and_skipped(tmp_path):
+    trainer = SurrogateTrainer(PROBLEM, tmp_path, min_points=1)
+    trainer("start", {"no": "uid"})
+    trainer("start", {"uid": "u", "trial_id": [1], "parameters": {}})  # a key that is no key
+    trainer("descriptor", {"uid": 5, "run_start": "u"})
+    trainer("event", {"descriptor": 7, "data": {}})
+    trainer("stop", {"run_start": None})
+    assert trainer.rejected == 5
+    _run_documents(trainer, "real", 1, _points(1)[0])
+    assert trainer.n_results == 1
+
+
+def test_bad_frames_on_the_stream_never_stop_the_trainer_learning_from_every_real_result(tmp_path):
+    import struct
+
+    import msgpack
+
+    from orchestrator.learning import feed_trainer
+    from orchestrator.ledger import Ledger
+    from planners.base import Proposal
+
+    n = 10
+    ledger = Ledger.for_directory(tmp_path)
+    cid, _ = ledger.open_campaign("c", {}, 0)
+    points = _points(n, seed=5)
+    ids = []
+    for p in points:
+        tid = ledger.propose(cid, Proposal(parameters=p, planner="random", seed=0))
+        ledger.transition(tid, "approved", "system")
+        ledger.transition(tid, "running", "system")
+        ids.append(tid)
+    versions = []
+    trainer = SurrogateTrainer(PROBLEM, tmp_path, min_points=1, on_version=versions.append)
+
+    def frame(seq: int, body: bytes) -> bytes:
+        return b"doc\0" + struct.pack(">QdB", seq, time.time(), 6) + b"forger" + body
+
+    with Proxy() as proxy:
+        pub, forger = Publisher(proxy.publish_address, name="station-1"), Publisher(proxy.publish_address)
+        sub = Subscriber(proxy.subscribe_address, topics=("doc",))
+        for p in (forger, pub):
+            sub._synced.clear()
+            sub.wait_linked(p)
+        listener = feed_trainer(trainer, ledger, cid, sub)
+        try:
+            forger._sock.send_multipart([b"doc\0", b"two frames"])
+            forger._sock.send(frame(1, b"\xc1 not msgpack"))
+            forger._sock.send(frame(2, msgpack.packb({"name": "start", "doc": {"no": "uid"}})))
+            forger._sock.send(frame(3, b"\0" * 50 * 2**20))
+            callback = pub.document_callback("bench")
+            for i, (tid, p) in enumerate(zip(ids, points, strict=True)):
+                _run_documents(callback, f"run-{i}", tid, p)
+                trainer.wait_for(i + 1, timeout=20)  # one version per result
+            assert len(versions) == n and versions[-1].n_points == n
+            assert sub.stats.bad > 0 and trainer.rejected == 1
+        finally:
+            listener.stop()
+            trainer.stop()
+            pub.close()
+            forger.close()

@@ -184,3 +184,45 @@ def test_a_restarted_trainer_numbers_its_versions_after_those_in_the_ledger(writ
     assert "model gp-v3: 5 results" in said
     assert Path(versions[2].path).name == "v00003.pt" and Path(versions[2].path).is_file()
     assert {name: (out / "models" / name).read_bytes() for name in checkpoints} == checkpoints
+
+
+class _FakeProxy:
+    """Stands in for the proxy so that no test binds beyond loopback."""
+
+    bound: list[tuple[str, str]] = []
+
+    def __init__(self, publish: str, subscribe: str) -> None:
+        self.publish_address, self.subscribe_address = publish, subscribe
+
+    def start(self) -> _FakeProxy:
+        _FakeProxy.bound.append((self.publish_address, self.subscribe_address))
+        return self
+
+    def stop(self) -> None:
+        pass
+
+
+def _proxy_command(monkeypatch, capsys, *args: str) -> str:
+    import orchestrator.stream
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    _FakeProxy.bound = []
+    monkeypatch.setattr(orchestrator.stream, "Proxy", _FakeProxy)
+    monkeypatch.setattr("orchestrator.cli.time.sleep", interrupt)
+    assert main(["proxy", *args]) == 0
+    return capsys.readouterr().err
+
+
+def test_labpilot_proxy_binds_loopback_by_default_without_a_warning(monkeypatch, capsys):
+    err = _proxy_command(monkeypatch, capsys)
+    assert _FakeProxy.bound == [("tcp://127.0.0.1:5577", "tcp://127.0.0.1:5578")]
+    assert "warning" not in err
+
+
+@pytest.mark.parametrize("address", ["tcp://0.0.0.0:5577", "tcp://192.168.1.20:5577", "tcp://eth0:5577"])
+def test_labpilot_proxy_warns_that_the_stream_has_no_authentication_when_bound_beyond_loopback(
+        monkeypatch, capsys, address):
+    err = " ".join(_proxy_command(monkeypatch, capsys, "--publish", address).split())
+    assert "warning" in err and "no authentication" in err and address in err
