@@ -12,6 +12,8 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -164,9 +166,9 @@ class ApprovalSpec(_Spec):
 class CampaignSpec(_Spec):
     """One optimisation campaign, as written in its YAML file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy and torch seed: 0 <= seed < 2**32")
     parameters: list[Parameter] = Field(min_length=1)
     constraints: list[Constraint] = Field(default_factory=list)
     objectives: list[Objective] = Field(min_length=1)
@@ -183,6 +185,20 @@ class CampaignSpec(_Spec):
     @classmethod
     def _parse_objectives(cls, v: Any) -> Any:
         return _objectives_shorthand(v)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # The name becomes a directory (runs/<name>) that --fresh empties: one safe path component.
+        if v in (".", ".."):
+            raise ValueError(f"the campaign name {v!r} is a directory reference, not a name; "
+                             "use letters, digits, '.', '_' or '-', e.g. 'reactor-01'")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _usable_store(cls, v: str | None) -> str | None:
+        return None if v is None else check_store_url(v)
 
     # ---- derived ----------------------------------------------------------
     def search_space(self) -> SearchSpace:
@@ -276,6 +292,120 @@ def _check_pool(spec: CampaignSpec) -> list[SpecIssue]:
     return []
 
 
+# The database drivers the ledger can use (synchronous SQLAlchemy dialects) and the module each
+# imports; read without importing SQLAlchemy, which checking a file must not load.
+_STORE_DRIVERS: dict[str, dict[str | None, str]] = {
+    "sqlite": {None: "sqlite3", "pysqlite": "sqlite3"},
+    "postgresql": {None: "psycopg2", "psycopg2": "psycopg2", "psycopg": "psycopg", "pg8000": "pg8000"},
+    "mysql": {None: "MySQLdb", "mysqldb": "MySQLdb", "pymysql": "pymysql"},
+}
+_URL = re.compile(r"^(?P<dialect>[A-Za-z0-9]+)(?:\+(?P<driver>[A-Za-z0-9_]+))?://(?P<rest>.*)$", re.S)
+
+
+def check_store_url(url: str) -> str:
+    """``url`` when the ledger can be kept there; ``ValueError`` saying what to write otherwise."""
+    m = _URL.match(url.strip())
+    if not m:
+        raise ValueError(f"cannot read the store URL {url!r}; write e.g. 'sqlite:///runs/ledger.sqlite' "
+                         "or 'postgresql://user@host/db'")
+    dialect, driver, rest = m["dialect"].lower(), m["driver"], m["rest"]
+    drivers = _STORE_DRIVERS.get(dialect)
+    if drivers is None or (driver is not None and driver.lower() not in drivers):
+        known = [f"{d}+{k}" if k else d for d, ks in _STORE_DRIVERS.items() for k in ks]
+        raise ValueError(f"unknown database driver {m.group(0).split('://')[0]!r}; use one of {known}")
+    module = drivers[driver.lower() if driver else None]
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"the driver module {module!r} for {dialect!r} is not installed; "
+                         f"install it (pip install {module.lower()}) or use a sqlite:/// file")
+    if dialect == "sqlite" and rest.split("?")[0] in ("", "/:memory:", "/") or "mode=memory" in rest:
+        raise ValueError("an in-memory SQLite ledger is lost with the process, and a crash loses the "
+                         "campaign; give a file, e.g. 'sqlite:///runs/ledger.sqlite', or leave 'store' out")
+    return url
+
+
+# Attributes of ophyd's Device and Signal classes (listed here so that checking a file does not
+# import ophyd): a parameter or outcome of that name would shadow them on the device.
+_DEVICE_ATTRIBUTES = frozenset("""
+OphydAttrList SUB_ACQ_DONE SUB_META SUB_SETPOINT SUB_SETPOINT_META SUB_VALUE add_instantiation_callback
+alarm_severity alarm_status as_string attr_name check_value clear_sub component_names
+configuration_attrs configure connected connection_timeout describe describe_configuration destroy
+dotted_name enum_strs event_types get get_device_tuple get_instantiated_signals get_setpoint
+high_limit hints kind lazy_wait_for_connection limits low_limit metadata metadata_keys name parent
+pause precision put put_complete pvname read read_access read_attrs read_configuration report resume
+root set set_default_timeout set_defaults setpoint setpoint_alarm_severity setpoint_alarm_status
+setpoint_pvname setpoint_ts signal_names source_name stage stop subscribe subscriptions summary
+timeout timestamp tolerance trigger trigger_signals unstage unsubscribe unsubscribe_all use_limits
+value wait_for_connection walk_components walk_signals walk_subdevice_classes walk_subdevices
+write_access write_timeout
+""".split())
+
+# Ranges of planner options the planners' signatures cannot say (their types are read from the
+# source's defaults): a small table rather than importing torch to ask the planner.
+_OPTION_MINIMUM: dict[str, dict[str, int]] = {
+    "bo": {"initial_trials": 1, "num_restarts": 1, "raw_samples": 1, "mc_samples": 1,
+           "max_categorical_combinations": 1, "maxiter": 1},
+}
+
+
+class _YamlRefused(yaml.YAMLError):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class _CampaignLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (a "billion laughs" file expands to gigabytes),
+    nesting deeper than ``MAX_DEPTH`` (a deep file is a RecursionError) and duplicate keys
+    (YAML lets the second win silently: a second ``budget:`` ran more trials)."""
+
+    MAX_DEPTH = 20
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _YamlRefused(event.start_mark.line + 1, f"the alias *{event.anchor} is not allowed in a "
+                               "campaign file; write the value out where it is used")
+        self._depth += 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YamlRefused(mark.line + 1, f"nested deeper than {self.MAX_DEPTH} levels; "
+                                   "a campaign file needs only a few, flatten it")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports an unhashable key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _YamlRefused(line, f"the key {key!r} appears twice (lines {seen[key]} and {line}); "
+                                   "YAML would keep only the last, so keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _non_finite(data: Any, path: str = "") -> list[SpecIssue]:
+    """Every number in the file that is NaN or infinite: no field of a campaign takes one."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [SpecIssue(path, f"{data} is not a finite number; write a finite one")]
+    if isinstance(data, dict):
+        return [i for k, v in data.items() for i in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(data, list):
+        return [i for n, v in enumerate(data) for i in _non_finite(v, f"{path}[{n}]")]
+    return []
+
+
 @dataclass(frozen=True)
 class SpecIssue:
     """One problem in a campaign file: where, what, and what to write instead."""
@@ -338,6 +468,9 @@ def _issues_from_validation(err: ValidationError) -> list[SpecIssue]:
         path = _path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(e["type"])
+        if e["type"] == "too_short" and (e.get("ctx") or {}).get("min_length", 1) > 1:
+            fix = (f"give at least {e['ctx']['min_length']} entries "
+                   f"({'a choice needs two to choose from' if path.endswith('choices') else 'too few'})")
         if fix and e["type"] not in ("value_error",):
             got = e.get("input")
             shown = f" (got {got!r})" if e["type"] != "missing" and not isinstance(got, dict | list) else ""
@@ -444,6 +577,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
                 issues.append(SpecIssue(f"safety.limits.{n}", f"unknown parameter {n!r}; known: {known}"))
             elif lim is not None and lim.min is not None and lim.max is not None and lim.min > lim.max:
                 issues.append(SpecIssue(f"safety.limits.{n}", f"min {lim.min} is above max {lim.max}; swap them"))
+    issues += _check_device_names(f)
     objective_names = f.objective_names
     for i, n in enumerate(objective_names):
         if n is not None and n in objective_names[:i]:
@@ -501,13 +635,71 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
     return issues
 
 
+def _check_device_names(f: _Fields) -> list[SpecIssue]:
+    """Parameters and outcomes become attributes of the instrument's ophyd device, named
+    ``name.replace('-', '_')`` (orchestrator.flows, simulators.devices): none may be an attribute
+    ophyd's Device or Signal already has, and no two may become the same attribute."""
+    named = [(f"parameters[{i}].name", n) for i, n in enumerate(f.parameter_names or []) if n is not None]
+    named += [(f"objectives[{i}].name", n) for i, n in enumerate(f.objective_names) if n is not None]
+    named += [(f"outcome_constraints[{i}]", c.name) for i, c in enumerate(f.outcome_constraints) if c is not None]
+    for i, inst in enumerate(f.instruments):
+        named += [(f"instruments[{i}].outcomes[{j}]", o) for j, o in enumerate(inst.outcomes or [])] if inst else []
+    issues, owner = [], {}
+    for where, n in named:
+        attr = n.replace("-", "_")
+        if attr in _DEVICE_ATTRIBUTES:
+            issues.append(SpecIssue(where, f"{n!r} is an attribute of every ophyd device or signal, so the "
+                                    f"instrument's device cannot have a signal of that name; rename it, "
+                                    f"e.g. {n + '_value'!r}"))
+        elif attr in owner and owner[attr][1] != n:
+            issues.append(SpecIssue(where, f"{n!r} and {owner[attr][1]!r} ({owner[attr][0]}) become the same "
+                                    f"device attribute {attr!r} ('-' is written '_'); rename one"))
+        owner.setdefault(attr, (where, n))
+    return issues
+
+
 def _check_planner_options(planner: PlannerSpec) -> list[SpecIssue]:
     options = planner_options(planner.name)
     if options is None:  # it takes any keyword
         return []
-    return [SpecIssue(f"planner.options.{k}", f"planner {planner.name!r} has no option {k!r}; "
-                      f"its options are {options or 'none'}")
-            for k in planner.options if k not in options]
+    issues = [SpecIssue(f"planner.options.{k}", f"planner {planner.name!r} has no option {k!r}; "
+                        f"its options are {options or 'none'}")
+              for k in planner.options if k not in options]
+    defaults = _option_defaults(planner.name)
+    for k, v in planner.options.items():
+        if k not in options:
+            continue
+        where, d = f"planner.options.{k}", defaults.get(k)
+        if isinstance(d, bool) and not isinstance(v, bool):
+            issues.append(SpecIssue(where, f"write true or false (got {v!r})"))
+        elif isinstance(d, int) and not isinstance(d, bool) and (isinstance(v, bool) or not isinstance(v, int)):
+            issues.append(SpecIssue(where, f"write a whole number (got {v!r})"))
+        elif isinstance(d, float) and (isinstance(v, bool) or not isinstance(v, int | float)):
+            issues.append(SpecIssue(where, f"write a number (got {v!r})"))
+        else:
+            low = _OPTION_MINIMUM.get(planner.name, {}).get(k)
+            if low is not None and isinstance(v, int | float) and v < low:
+                issues.append(SpecIssue(where, f"must be at least {low} (got {v!r})"))
+    return issues
+
+
+def _option_defaults(name: str) -> dict[str, Any]:
+    """The literal defaults of a planner's ``__init__`` keywords, read from its source."""
+    module, cls = PLANNERS[name].split(":")
+    init = _source_init(module, cls)
+    if init is None:
+        return {}
+    a = init.args
+    positional = a.posonlyargs + a.args
+    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults, strict=True))
+    pairs += [(x, d) for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None]
+    out = {}
+    for arg, default in pairs:
+        try:
+            out[arg.arg] = ast.literal_eval(default)
+        except ValueError:
+            continue
+    return out
 
 
 def planner_options(name: str) -> list[str] | None:
@@ -630,6 +822,18 @@ def _defined_in_source(module: str, attr: str) -> bool | None:
 
 def parse_campaign(data: Any, source: str = "<campaign>", base_dir: Path | None = None) -> CampaignSpec:
     """Validate a campaign given as plain data; raise ``CampaignError`` listing every problem."""
+    bad_numbers = _non_finite(data)
+    try:
+        spec = _parse_campaign(data, source, base_dir)
+    except CampaignError as err:
+        seen = {i.path for i in bad_numbers}
+        raise CampaignError(source, bad_numbers + [i for i in err.issues if i.path not in seen]) from None
+    if bad_numbers:
+        raise CampaignError(source, bad_numbers)
+    return spec
+
+
+def _parse_campaign(data: Any, source: str, base_dir: Path | None) -> CampaignSpec:
     if not isinstance(data, dict):
         raise CampaignError(source, [SpecIssue("", "the file must be a YAML mapping (name:, parameters:, ...)")])
     try:
@@ -653,7 +857,9 @@ def load_campaign(path: str | Path) -> CampaignSpec:
     if not p.is_file():
         raise CampaignError(str(p), [SpecIssue("", f"no such file: {p}; give the path of a campaign YAML file")])
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_CampaignLoader)  # noqa: S506 - a SafeLoader
+    except _YamlRefused as exc:
+        raise CampaignError(str(p), [SpecIssue(f"line {exc.line}", exc.message)]) from None
     except UnicodeDecodeError:
         raise CampaignError(str(p), [SpecIssue("", "not a text file (not UTF-8); give a campaign YAML file")]) from None
     except yaml.YAMLError as exc:
