@@ -76,11 +76,12 @@ def bad_frames():
     ]
 
 
-def bad_frames_harness(n=20):
+def _running_trials(n, seed):
+    """A fresh ledger with ``n`` running trials at random points: ``(dir, ledger, id, points, trial ids)``."""
     d = tempfile.mkdtemp()
     ledger = Ledger.for_directory(d)
     cid, _ = ledger.open_campaign("c", {}, 0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pts = [{"x1": float(rng.uniform(-5, 10)), "x2": float(rng.uniform(0, 15))} for _ in range(n)]
     tids = []
     for p in pts:
@@ -88,6 +89,11 @@ def bad_frames_harness(n=20):
         ledger.transition(t, "approved", "system")
         ledger.transition(t, "running", "system")
         tids.append(t)
+    return d, ledger, cid, pts, tids
+
+
+def bad_frames_harness(n=20):
+    d, ledger, cid, pts, tids = _running_trials(n, seed=0)
     versions = []
     trainer = SurrogateTrainer(PROBLEM, d, min_points=1, on_version=versions.append)
     with Proxy() as proxy:
@@ -145,17 +151,7 @@ def forged_seq_harness():
 
 
 def forged_run_harness(n=22):
-    d = tempfile.mkdtemp()
-    ledger = Ledger.for_directory(d)
-    cid, _ = ledger.open_campaign("c", {}, 0)
-    rng = np.random.default_rng(1)
-    pts = [{"x1": float(rng.uniform(-5, 10)), "x2": float(rng.uniform(0, 15))} for _ in range(n)]
-    tids = []
-    for p in pts:
-        t = ledger.propose(cid, Proposal(parameters=p, planner="random", seed=0))
-        ledger.transition(t, "approved", "system")
-        ledger.transition(t, "running", "system")
-        tids.append(t)
+    d, ledger, cid, pts, tids = _running_trials(n, seed=1)
     trainer = SurrogateTrainer(PROBLEM, d, min_points=1)
     with Proxy() as proxy:
         pub = Publisher(proxy.publish_address, name="station-1")
