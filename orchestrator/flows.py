@@ -90,21 +90,21 @@ class DocumentJournal:
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
             if doc.get("trial_id") is None:
-                return
-            self._trial_of_run[doc["uid"]] = int(doc["trial_id"])
-            trial = self._trial_of_run[doc["uid"]]
-        else:
-            run = doc.get("run_start") or doc.get("descriptor")
-            trial = self._trial_of_run.get(doc.get("run_start", ""), None)
-            if trial is None and name == "event":
-                trial = self._trial_of_descriptor.get(run)
-            if trial is None:
-                return
-            if name == "descriptor":
-                self._trial_of_descriptor[doc["uid"]] = trial
+                return  # not a trial's run
+            trial = self._trial_of_run[doc["uid"]] = int(doc["trial_id"])
+        elif name == "event":
+            trial = self._trial_of_descriptor.get(doc.get("descriptor", ""))
+        else:  # descriptor, stop
+            trial = self._trial_of_run.get(doc.get("run_start", ""))
+        if trial is None:
+            return
+        if name == "descriptor":
+            self._trial_of_descriptor[doc["uid"]] = trial
         self.ledger.record_document(trial, name, doc)
         if name == "stop":
-            self._trial_of_run.pop(doc.get("run_start", ""), None)
+            run = doc.get("run_start", "")
+            self._trial_of_run.pop(run, None)
+            self._trial_of_descriptor = {d: t for d, t in self._trial_of_descriptor.items() if t != trial}
 
 
 class CampaignObserver:
@@ -464,9 +464,8 @@ class _Dispatcher:
             outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
         self.free.append(runner)
         self.in_flight.pop(trial_id, None)
-        self.numbers.pop(trial_id, None)
+        number = self.numbers.pop(trial_id)
         self.rt.timings["instrument"].append(outcome.seconds)
-        number = self.ledger.trial(trial_id).number
         if outcome.state == "completed":
             self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
             self.consecutive_failures = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -251,8 +252,6 @@ class Ledger:
             except (OperationalError, ProgrammingError):
                 if attempt == 2:
                     raise
-                import time
-
                 time.sleep(0.2)
 
     def _add_missing_columns(self) -> None:
@@ -485,20 +484,12 @@ class Ledger:
 
     def numbered_history(self, campaign_id: int) -> list[tuple[int, HistoryItem]]:
         """:meth:`history` with each item's trial number, in the same order."""
-        out = []
         with self._sessions() as s:
             rows = s.scalars(
                 select(TrialRow).where(TrialRow.campaign_id == campaign_id,
                                        TrialRow.state.in_(("completed", "failed", "vetoed", "abandoned")))
                 .order_by(TrialRow.number).options(selectinload(TrialRow.observation))).all()
-        for t in rows:
-            if t.state == "completed" and t.observation is not None:
-                out.append((t.number, HistoryItem(t.parameters, "completed", dict(t.observation.values))))
-            elif t.state in ("failed", "vetoed"):
-                out.append((t.number, HistoryItem(t.parameters, "failed")))
-            elif t.state == "abandoned" and t.started_at is not None:  # it reached an instrument
-                out.append((t.number, HistoryItem(t.parameters, "abandoned")))
-        return out
+        return [(t.number, item) for t in rows if (item := history_item(t)) is not None]
 
     def runs_done(self, campaign_id: int) -> int:
         """Trials that reached an instrument and are over (completed, failed, or abandoned after
@@ -596,6 +587,19 @@ class Ledger:
                         "started_at": t.started_at, "finished_at": t.finished_at})
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def history_item(t: TrialRow) -> HistoryItem | None:
+    """A trial as a planner learns from it, or ``None`` if it is not history: completed (with its
+    outcomes), failed or vetoed (a failure: do not go there), abandoned after it reached an
+    instrument (tried, no result)."""
+    if t.state == "completed" and t.observation is not None:
+        return HistoryItem(t.parameters, "completed", dict(t.observation.values))
+    if t.state in ("failed", "vetoed"):
+        return HistoryItem(t.parameters, "failed")
+    if t.state == "abandoned" and t.started_at is not None:
+        return HistoryItem(t.parameters, "abandoned")
+    return None
 
 
 def _later(now: datetime, seconds: float) -> datetime:

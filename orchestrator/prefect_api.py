@@ -128,7 +128,8 @@ class PrefectAPI:
 
     def stop_when_ready(self) -> None:
         """Stop a server that is still starting (bad input: nothing will run)."""
-        self._ready.wait() if self._thread is not None else None
+        if self._thread is not None:
+            self._ready.wait()
         self.stop()
 
     def stop(self) -> None:

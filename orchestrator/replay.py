@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Ledger, history_item
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ def replay_campaign(ledger: Ledger, campaign_id: int) -> list[ReplayedProposal]:
     from orchestrator.learning import FixedModels, recorded_version
     from orchestrator.spec import parse_campaign
     from planners import make_planner
-    from planners.base import HistoryItem
 
     campaign = ledger.campaign(campaign_id)
     spec = parse_campaign(campaign.spec)
@@ -50,12 +49,6 @@ def replay_campaign(ledger: Ledger, campaign_id: int) -> list[ReplayedProposal]:
     trials = ledger.trials(campaign_id)
     by_number = {t.number: t for t in trials}
     states = {t.number: t.proposal.model_state for t in trials if t.proposal is not None}
-
-    def item(number: int) -> HistoryItem:
-        t = by_number[number]
-        if t.state == "completed" and t.observation is not None:
-            return HistoryItem(t.parameters, "completed", dict(t.observation.values))
-        return HistoryItem(t.parameters, "abandoned" if t.state == "abandoned" else "failed")
 
     out: list[ReplayedProposal] = []
     asked: dict[tuple, list] = {}  # one ask per recorded batch
@@ -70,7 +63,7 @@ def replay_campaign(ledger: Ledger, campaign_id: int) -> list[ReplayedProposal]:
             if inputs.get("trainer"):
                 planner.surrogate_source = FixedModels(recorded_version(ledger, campaign_id, label))
             state_from = inputs.get("state_from")
-            asked[key] = planner.ask(inputs["n"], [item(k) for k in inputs["history"]],
+            asked[key] = planner.ask(inputs["n"], [history_item(by_number[k]) for k in inputs["history"]],
                                      [dict(by_number[k].parameters) for k in inputs["pending"]],
                                      state=states.get(state_from) if state_from is not None else None)
         again = asked[key][inputs["index"]]

@@ -248,6 +248,16 @@ class AxPlanner(Planner):
         )
         return client
 
+    def _tell_one(self, client: Any, index: int, item: HistoryItem) -> None:
+        """Tell Ax how trial ``index`` ended: completed with its outcomes, abandoned (tried, no
+        result: Ax must not propose it again either) or failed."""
+        if item.state == "completed":
+            client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
+        elif item.state == "abandoned":
+            client.mark_trial_abandoned(trial_index=index)
+        else:
+            client.mark_trial_failed(trial_index=index)
+
     def _client(self, seed: int, history: list[HistoryItem], pending: list[dict[str, Any]]) -> Any:
         """A fresh Ax ``Client`` with the experiment declared and ``history``/``pending`` attached."""
         client = self._configured_client(seed)
@@ -255,12 +265,7 @@ class AxPlanner(Planner):
         client.configure_generation_strategy(initialization_budget=self.initial_trials)
         for item in history:
             index = client.attach_trial(parameters=self._to_ax(item.parameters))
-            if item.state == "completed":
-                client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
-            elif item.state == "abandoned":  # tried, no result: Ax must not propose it again either
-                client.mark_trial_abandoned(trial_index=index)
-            else:
-                client.mark_trial_failed(trial_index=index)
+            self._tell_one(client, index, item)
         for point in pending:
             client.attach_trial(parameters=self._to_ax(point))  # left RUNNING: pending to Ax
         # A fresh strategy moves on at most one node per trial it generates, so on a
@@ -429,12 +434,7 @@ class AxNativePlanner(AxPlanner):
             index = self._running.pop(key, None)
             if index is None:
                 index = client.attach_trial(parameters=self._to_ax(item.parameters))
-            if item.state == "completed":
-                client.complete_trial(trial_index=index, raw_data=self._outcomes_to_ax(item.outcomes) or None)
-            elif item.state == "abandoned":  # tried, no result: Ax must not propose it again either
-                client.mark_trial_abandoned(trial_index=index)
-            else:
-                client.mark_trial_failed(trial_index=index)
+            self._tell_one(client, index, item)
             self._told.append(key)
         for point in pending:
             key = row_key(point)

@@ -212,13 +212,16 @@ class BayesianPlanner(Planner):
         returns the model and the ``model_state`` to record with this ask's proposals."""
         gp = ExactGP(fit_maxiter=self.fit_maxiter, update_maxiter=self.update_maxiter,
                      device=self.tkwargs["device"])
-        hyper = (state or {}).get("gp")
-        try:
-            if hyper is None:
-                raise ValueError("no hyperparameters to start from")
-            gp.fit_from(X, Y, hyper)
-        except (ValueError, TypeError, RuntimeError):
-            gp.fit(X, Y)  # first model-based ask, or a state of another shape (the file changed)
+        hyper = state.get("gp") if isinstance(state, dict) else None
+        warm = False
+        if hyper is not None:
+            try:
+                gp.fit_from(X, Y, hyper)
+                warm = True
+            except (ValueError, TypeError, RuntimeError):
+                pass  # a state of another shape (the campaign file changed): fit from scratch
+        if not warm:  # also the first model-based ask
+            gp.fit(X, Y)
         return gp.model, {"gp": gp.hyperparameters()}
 
     # ---- acquisition optimisation -----------------------------------------

