@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -47,18 +48,26 @@ from planners.base import HistoryItem, Proposal
 
 log = logging.getLogger("labpilot.ledger")
 
-STATES = ("proposed", "vetoed", "approved", "running", "completed", "failed", "abandoned")
-FINAL_STATES = frozenset({"vetoed", "completed", "failed", "abandoned"})
+STATES = ("proposed", "vetoed", "rejected", "approved", "running", "completed", "failed", "abandoned")
+FINAL_STATES = frozenset({"vetoed", "rejected", "completed", "failed", "abandoned"})
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "proposed": frozenset({"vetoed", "approved", "abandoned"}),
+    # a person (or the approval timeout) rejects a proposal waiting for approval
+    "proposed": frozenset({"vetoed", "rejected", "approved", "abandoned"}),
     "approved": frozenset({"running", "abandoned", "vetoed"}),  # every dispatch passes the gate
     "running": frozenset({"completed", "failed", "abandoned"}),
     "vetoed": frozenset(),
+    "rejected": frozenset(),
     "completed": frozenset(),
     "failed": frozenset(),
     "abandoned": frozenset(),
 }
 ACTORS = ("planner", "operator", "system")
+ROLES = ("viewer", "operator", "admin")
+#: how the reason of a proposal rejected for want of an answer begins (it is not history)
+APPROVAL_TIMEOUT = "approval timed out"
+#: a command's life: written ``pending``, then ``applied`` or ``refused`` by the campaign (or
+#: ``denied`` at the door: an attempt the caller's role does not allow, kept for the audit log)
+COMMAND_STATES = ("pending", "applied", "refused", "denied")
 
 
 class CampaignRefused(Exception):
@@ -95,6 +104,12 @@ class CampaignRow(Base):
     lock_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: changes of the campaign file accepted on resume: ``[{"at", "changed": {field: [old, new]}}]``
     spec_changes: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    #: an operator paused it: it dispatches nothing new until resumed (kept across restarts)
+    paused: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=False)
+    #: the budget an operator set, and the file's budget it replaced (a file edited since wins)
+    budget_override: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    #: where the running campaign's stream can be followed (its proxy's subscriber side)
+    stream_address: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class TrialRow(Base):
@@ -111,6 +126,12 @@ class TrialRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: why a ``proposed`` trial waits for a person (the approval policy's words); None: it does not
+    awaiting: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: when a waiting proposal is rejected for want of an answer
+    wait_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: where the trial came from when not from the planner: ``operator``, ``requeue of 7``, a file
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)
     events: Mapped[list[TrialEventRow]] = relationship(back_populates="trial", order_by="TrialEventRow.id")
     observation: Mapped[ObservationRow | None] = relationship(back_populates="trial")
     proposal: Mapped[ProposalRow | None] = relationship(back_populates="trial")
@@ -161,6 +182,8 @@ class ProposalRow(Base):
     #: passed), ``state_from`` (the trial whose model_state it started from), ``n`` asked for
     #: and this proposal's ``index`` among them; enough to replay the decision exactly
     inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    #: the parameters as the planner proposed them (an operator may edit the trial's before approving)
+    parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     trial: Mapped[TrialRow] = relationship(back_populates="proposal")
 
@@ -196,11 +219,60 @@ class ModelVersionRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class CommandRow(Base):
+    """An operator's command (pause, approve, ...): written first, then carried out by the running
+    campaign, which records the outcome. The audit log: who asked what, when, why, and what came
+    of it, refused attempts included."""
+
+    __tablename__ = "commands"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(20))
+    via: Mapped[str] = mapped_column(String(20))  # cli, api, console
+    action: Mapped[str] = mapped_column(String(30))
+    trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(20), index=True, default="pending")
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    outcome: Mapped[str] = mapped_column(Text, default="")
+
+
+class UserRow(Base):
+    """A person who may use the console: a role, and a password hash (argon2), never the password."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class TokenRow(Base):
+    """An API token for scripts: its SHA-256 (the token itself is shown once, at creation)."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 # Columns added after a ledger format was first released: (table, column, SQL type).
 _ADDED_COLUMNS = (("proposals", "model_unseen", "INTEGER"), ("proposals", "ood_score", "FLOAT"),
                   ("proposals", "model_state", "JSON"), ("proposals", "inputs", "JSON"),
                   ("campaigns", "wall_seconds", "FLOAT"), ("campaigns", "lock_owner", "VARCHAR(200)"),
-                  ("campaigns", "lock_expires", "TIMESTAMP"), ("campaigns", "spec_changes", "JSON"))
+                  ("campaigns", "lock_expires", "TIMESTAMP"), ("campaigns", "spec_changes", "JSON"),
+                  ("campaigns", "paused", "BOOLEAN"), ("campaigns", "budget_override", "JSON"),
+                  ("campaigns", "stream_address", "VARCHAR(200)"), ("trials", "awaiting", "TEXT"),
+                  ("trials", "wait_deadline", "TIMESTAMP"), ("trials", "source", "TEXT"),
+                  ("proposals", "parameters", "JSON"))
 
 
 def sqlite_url(directory: str | Path) -> str:
@@ -346,14 +418,16 @@ class Ledger:
             row.status, row.stop_reason, row.finished_at = status, reason, utcnow()
 
     # ---- trials -------------------------------------------------------------
-    def propose(self, campaign_id: int, proposal: Proposal, inputs: dict[str, Any] | None = None) -> int:
+    def propose(self, campaign_id: int, proposal: Proposal, inputs: dict[str, Any] | None = None,
+                actor: str = "planner", source: str | None = None, reason: str | None = None) -> int:
         """Record a new trial in state ``proposed`` with the planner's decision (and ``inputs``,
-        what the planner was given: see :attr:`ProposalRow.inputs`); return its id."""
+        what the planner was given: see :attr:`ProposalRow.inputs`); return its id. An operator's
+        own trial (added by hand, re-queued) has ``actor="operator"`` and says its ``source``."""
         with self._write() as s:
             number = (s.scalar(select(TrialRow.number).where(TrialRow.campaign_id == campaign_id)
                                .order_by(TrialRow.number.desc()).limit(1)) or 0) + 1
             trial = TrialRow(campaign_id=campaign_id, number=number, state="proposed",
-                             parameters=_jsonable(proposal.parameters))
+                             parameters=_jsonable(proposal.parameters), source=source)
             s.add(trial)
             s.flush()
             s.add(ProposalRow(
@@ -364,10 +438,12 @@ class Ledger:
                 predicted_sd=_jsonable(proposal.predicted_sd),
                 acquisition_value=_finite_or_none(proposal.acquisition_value),
                 model_state=proposal.model_state, inputs=inputs,
+                parameters=_jsonable(proposal.parameters),
             ))
+            why = reason or f"proposed by {proposal.planner}"
             s.add(TrialEventRow(trial_id=trial.id, from_state=None, to_state="proposed",
-                                actor="planner", reason=f"proposed by {proposal.planner}"))
-            body = _trial_body(trial, None, "planner", f"proposed by {proposal.planner}")
+                                actor=actor, reason=why))
+            body = _trial_body(trial, None, actor, why)
         if self.listeners:
             self._notify("proposal", {**body, "planner": proposal.planner, "seed": proposal.seed,
                                       "model_version": proposal.model_version,
@@ -420,15 +496,158 @@ class Ledger:
         return trial
 
     def complete(self, trial_id: int, values: dict[str, float], run_uid: str,
-                 units: dict[str, str] | None = None, reason: str = "measured") -> None:
+                 units: dict[str, str] | None = None, reason: str = "measured", actor: str = "system") -> None:
         """Record a trial's observation and mark it completed, in one transaction."""
         with self._write() as s:
-            trial = self._transition(s, trial_id, "completed", "system", reason, run_uid=run_uid)
+            trial = self._transition(s, trial_id, "completed", actor, reason, run_uid=run_uid)
             s.add(ObservationRow(trial_id=trial_id, values=_jsonable(values), units=units or {},
                                  run_uid=run_uid))
-            body = _trial_body(trial, "running", "system", reason) if self.listeners else {}
+            body = _trial_body(trial, "running", actor, reason) if self.listeners else {}
         if body:
             self._notify("trial", {**body, "outcomes": _jsonable(values), "units": units or {}})
+
+    def record_import(self, campaign_id: int, parameters: dict[str, Any], values: dict[str, float],
+                      source: str, reason: str) -> int:
+        """A result measured outside the campaign (a file of past experiments) as a completed trial:
+        the operator's, from ``source``; it never ran here, so it does not count against the budget."""
+        with self._write() as s:
+            number = (s.scalar(select(TrialRow.number).where(TrialRow.campaign_id == campaign_id)
+                               .order_by(TrialRow.number.desc()).limit(1)) or 0) + 1
+            now = utcnow()
+            trial = TrialRow(campaign_id=campaign_id, number=number, state="completed", finished_at=now,
+                             parameters=_jsonable(parameters), source=source, reason=reason, run_uid="")
+            s.add(trial)
+            s.flush()
+            s.add(TrialEventRow(trial_id=trial.id, from_state=None, to_state="completed", at=now,
+                                actor="operator", reason=reason))
+            s.add(ObservationRow(trial_id=trial.id, values=_jsonable(values), units={}, run_uid=""))
+            body = _trial_body(trial, None, "operator", reason)
+        self._notify("trial", {**body, "outcomes": _jsonable(values), "units": {}})
+        return body["trial_id"]
+
+    def set_parameters(self, trial_id: int, parameters: dict[str, Any]) -> None:
+        """An operator's edit of a waiting proposal (the planner's own stay on its proposal row)."""
+        with self._write() as s:
+            trial = s.get(TrialRow, trial_id)
+            assert trial is not None and trial.state == "proposed", "only a waiting proposal is edited"
+            trial.parameters = _jsonable(parameters)
+
+    def set_awaiting(self, trial_id: int, why: str | None, deadline: datetime | None = None) -> None:
+        """Mark a proposed trial as waiting for a person (``why``), or no longer waiting (``None``)."""
+        with self._write() as s:
+            trial = s.get(TrialRow, trial_id)
+            assert trial is not None
+            trial.awaiting, trial.wait_deadline = why, deadline
+            body = _trial_body(trial, trial.state, "system", why or "") if self.listeners else {}
+        if body and why:
+            self._notify("trial", {**body, "awaiting": why})
+
+    # ---- operator commands (orchestrator.control writes and applies them) ----------------
+    def add_command(self, campaign_id: int | None, user: str, role: str, via: str, action: str,
+                    trial_number: int | None = None, args: dict[str, Any] | None = None,
+                    reason: str = "", status: str = "pending", outcome: str = "") -> CommandRow:
+        assert status in COMMAND_STATES
+        with self._write() as s:
+            row = CommandRow(campaign_id=campaign_id, user=user, role=role, via=via, action=action,
+                             trial_number=trial_number, args=_jsonable(args or {}), reason=reason,
+                             status=status, outcome=outcome,
+                             applied_at=None if status == "pending" else utcnow())
+            s.add(row)
+            s.flush()
+        return row
+
+    def pending_commands(self, campaign_id: int) -> list[CommandRow]:
+        with self._sessions() as s:
+            return list(s.scalars(select(CommandRow).where(CommandRow.campaign_id == campaign_id,
+                                                           CommandRow.status == "pending")
+                                  .order_by(CommandRow.id)))
+
+    def has_pending_commands(self, campaign_id: int) -> bool:
+        with self._sessions() as s:
+            return s.scalar(select(CommandRow.id).where(CommandRow.campaign_id == campaign_id,
+                                                        CommandRow.status == "pending").limit(1)) is not None
+
+    def finish_command(self, command_id: int, status: str, outcome: str) -> CommandRow:
+        """Record what came of a command (``applied`` or ``refused``, and in words), once."""
+        assert status in ("applied", "refused")
+        with self._write() as s:
+            row = s.get(CommandRow, command_id)
+            assert row is not None
+            if row.status == "pending":
+                row.status, row.outcome, row.applied_at = status, outcome, utcnow()
+        self._notify("command", _command_body(row))
+        return row
+
+    def command(self, command_id: int) -> CommandRow:
+        with self._sessions() as s:
+            row = s.get(CommandRow, command_id)
+            if row is None:
+                raise LookupError(f"no command with id {command_id}")
+            return row
+
+    def commands(self, campaign_id: int | None = None, limit: int = 100, offset: int = 0) -> list[CommandRow]:
+        """The audit log, newest first (every campaign's, or one's)."""
+        with self._sessions() as s:
+            q = select(CommandRow).order_by(CommandRow.id.desc()).limit(limit).offset(offset)
+            if campaign_id is not None:
+                q = q.where(CommandRow.campaign_id == campaign_id)
+            return list(s.scalars(q))
+
+    def update_campaign(self, campaign_id: int, **fields: Any) -> None:
+        """Set the campaign's control fields (``paused``, ``budget_override``, ``stream_address``)."""
+        assert set(fields) <= {"paused", "budget_override", "stream_address", "spec"}, fields
+        with self._write() as s:
+            row = s.get(CampaignRow, campaign_id)
+            assert row is not None
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+    # ---- users and tokens (the console's accounts) ------------------------------------
+    def add_user(self, name: str, role: str, password_hash: str | None) -> UserRow:
+        from sqlalchemy.exc import IntegrityError
+
+        assert role in ROLES
+        try:
+            with self._write() as s:
+                row = UserRow(name=name, role=role, password_hash=password_hash)
+                s.add(row)
+                s.flush()
+                return row
+        except IntegrityError:
+            raise ValueError(f"a user {name!r} exists already; pick another name") from None
+
+    def update_user(self, name: str, **fields: Any) -> UserRow:
+        assert set(fields) <= {"role", "password_hash", "disabled"}, fields
+        with self._write() as s:
+            row = s.scalar(select(UserRow).where(UserRow.name == name))
+            if row is None:
+                raise LookupError(f"no user {name!r}")
+            for k, v in fields.items():
+                setattr(row, k, v)
+            return row
+
+    def user(self, name: str) -> UserRow | None:
+        with self._sessions() as s:
+            return s.scalar(select(UserRow).where(UserRow.name == name))
+
+    def users(self) -> list[UserRow]:
+        with self._sessions() as s:
+            return list(s.scalars(select(UserRow).order_by(UserRow.id)))
+
+    def add_token(self, user_name: str, token_hash: str, label: str = "") -> TokenRow:
+        user = self.user(user_name)
+        if user is None:
+            raise LookupError(f"no user {user_name!r}; add one with 'labpilot user add'")
+        with self._write() as s:
+            row = TokenRow(user_id=user.id, token_hash=token_hash, label=label)
+            s.add(row)
+            s.flush()
+            return row
+
+    def user_by_token(self, token_hash: str) -> UserRow | None:
+        with self._sessions() as s:
+            return s.scalar(select(UserRow).join(TokenRow, TokenRow.user_id == UserRow.id).where(
+                TokenRow.token_hash == token_hash, TokenRow.revoked.is_(False), UserRow.disabled.is_(False)))
 
     # ---- surrogate models -----------------------------------------------------
     def record_model_version(self, campaign_id: int, record: dict[str, Any]) -> None:
@@ -487,7 +706,8 @@ class Ledger:
         with self._sessions() as s:
             rows = s.scalars(
                 select(TrialRow).where(TrialRow.campaign_id == campaign_id,
-                                       TrialRow.state.in_(("completed", "failed", "vetoed", "abandoned")))
+                                       TrialRow.state.in_(("completed", "failed", "vetoed", "rejected",
+                                                           "abandoned")))
                 .order_by(TrialRow.number).options(selectinload(TrialRow.observation))).all()
         return [(t.number, item) for t in rows if (item := history_item(t)) is not None]
 
@@ -592,11 +812,15 @@ class Ledger:
 def history_item(t: TrialRow) -> HistoryItem | None:
     """A trial as a planner learns from it, or ``None`` if it is not history: completed (with its
     outcomes), failed or vetoed (a failure: do not go there), abandoned after it reached an
-    instrument (tried, no result)."""
+    instrument (tried, no result), rejected by a person (a failure too: someone who knows the
+    chemistry said no). A proposal rejected because nobody answered in time is not history: no one
+    judged the point, and a night of unanswered proposals must not teach the planner a region fails."""
     if t.state == "completed" and t.observation is not None:
         return HistoryItem(t.parameters, "completed", dict(t.observation.values))
     if t.state in ("failed", "vetoed"):
         return HistoryItem(t.parameters, "failed")
+    if t.state == "rejected":
+        return None if (t.reason or "").startswith(APPROVAL_TIMEOUT) else HistoryItem(t.parameters, "failed")
     if t.state == "abandoned" and t.started_at is not None:
         return HistoryItem(t.parameters, "abandoned")
     return None
@@ -614,6 +838,13 @@ def _trial_body(trial: TrialRow, from_state: str | None, actor: str, reason: str
             "state": trial.state, "from_state": from_state, "actor": actor, "reason": reason,
             "parameters": dict(trial.parameters), "instrument": trial.instrument,
             "run_uid": trial.run_uid, "at": utcnow().timestamp()}
+
+
+def _command_body(row: CommandRow) -> dict[str, Any]:
+    return {"campaign_id": row.campaign_id, "command_id": row.id, "user": row.user, "role": row.role,
+            "via": row.via, "action": row.action, "trial": row.trial_number, "args": row.args,
+            "reason": row.reason, "status": row.status, "outcome": row.outcome,
+            "at": utcnow().timestamp()}
 
 
 def _finite_or_none(x: float | None) -> float | None:

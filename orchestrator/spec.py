@@ -120,6 +120,8 @@ class InstrumentSpec(_Spec):
     """
 
     name: str = Field(pattern=r"^[A-Za-z_][\w-]*$")
+    kind: Literal["manual"] | None = Field(
+        None, description="'manual': a person measures and tells the result (labpilot tell, the console)")
     simulator: str | None = None
     dataset: str | None = None
     device: str | None = None
@@ -135,6 +137,12 @@ class InstrumentSpec(_Spec):
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:
         given = [k for k in ("simulator", "dataset", "device") if getattr(self, k)]
+        if self.kind == "manual":
+            if given:
+                raise ValueError(f"a 'kind: manual' instrument is a person: remove {given}")
+            if not self.outcomes:
+                raise ValueError("a 'kind: manual' instrument must list the 'outcomes' the person measures")
+            return self
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of 'simulator: branin|hartmann6|branincurrin', "
@@ -158,9 +166,32 @@ class SafetySpec(_Spec):
 
 
 class ApprovalSpec(_Spec):
-    policy: Literal["auto"] = Field(
-        "auto", description="'auto' runs every proposal that passes the safety envelope"
-    )
+    """Which proposals wait for a person (orchestrator.approval), and for how long."""
+
+    policy: Literal["auto", "manual", "out_of_domain", "rules"] = Field(
+        "auto", description="'auto' runs every proposal that passes the safety envelope; 'manual': "
+        "every proposal waits for a person; 'out_of_domain': those whose score is above 'threshold'; "
+        "'rules': those matching any of 'rules'")
+    threshold: float = Field(2.0, gt=0, allow_inf_nan=False,
+                             description="out-of-domain score above which a proposal waits")
+    rules: list[str] = Field(default_factory=list, description="e.g. 'temperature > 150', 'ood > 2'")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                  description="seconds a proposal waits before it is rejected; none: forever")
+    hold_instrument: bool = Field(False, description="a waiting proposal keeps its instrument idle for it")
+    max_waiting: int | None = Field(None, ge=1, description="proposals waiting at once; default: one per station")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApprovalSpec:
+        from orchestrator.approval import ApprovalRule
+
+        if self.policy == "rules" and not self.rules:
+            raise ValueError("policy 'rules' needs 'rules', e.g. rules: ['temperature > 150']")
+        if self.rules and self.policy != "rules":
+            raise ValueError(f"'rules' are used by policy 'rules' only (the policy is {self.policy!r}); "
+                             "write policy: rules, or remove them")
+        for r in self.rules:
+            ApprovalRule.parse(r)
+        return self
 
 
 class CampaignSpec(_Spec):
@@ -615,6 +646,8 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
                                         + (f"lacks {missing}" if missing else "")
                                         + (" and " if missing and extra else "")
                                         + (f"has unknown {extra}" if extra else "")))
+        elif inst.kind == "manual":
+            measured = inst.outcomes or []
         else:
             measured = inst.outcomes or []
             issues += _check_device(f"{where}.device", inst.device or "")
@@ -628,6 +661,13 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
                     f"{measured}; name one of those or add an instrument that measures {n!r}"))
     if not issues and isinstance(spec, CampaignSpec):  # only on a file that is otherwise sound
         issues += _check_pool(spec)
+    if isinstance(spec, CampaignSpec):
+        from orchestrator.approval import ApprovalRule
+
+        for i, text in enumerate(spec.approval.rules):
+            why = ApprovalRule.parse(text).names_known([p.name for p in spec.parameters], spec.outcome_names)
+            if why:
+                issues.append(SpecIssue(f"approval.rules[{i}]", why))
     inst_names = f.instrument_names
     for i, n in enumerate(inst_names):
         if n is not None and n in inst_names[:i]:

@@ -59,7 +59,7 @@ import zmq
 
 log = logging.getLogger("labpilot.stream")
 
-TOPICS = ("doc", "trial", "proposal", "veto", "model", "calibration")
+TOPICS = ("doc", "trial", "proposal", "veto", "model", "calibration", "command")
 SYNC = "_sync"
 DEFAULT_HWM = 1_000_000  # messages queued per socket before ZeroMQ drops (a burst of a night's documents)
 #: the largest message a subscriber (and the proxy) takes, in bytes; ``LABPILOT_STREAM_MAX_MESSAGE``
