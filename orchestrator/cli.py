@@ -1,4 +1,5 @@
-"""The ``labpilot`` command line: run, validate, status, export, bench, trainer, proxy.
+"""The ``labpilot`` command line: run, validate, status, export, bench, trainer, proxy, and the
+operator's verbs (orchestrator.control_cli: pause, resume, stop, approve, reject, ...).
 
 Exit codes: 0 done, 2 bad input (the message says what to fix), 1 failure.
 """
@@ -116,10 +117,13 @@ class TerminalProgress:
         return "-"
 
     def trial_changed(self, runtime, number: int, state: str, info: str = "") -> None:  # noqa: ANN001
-        if state not in ("completed", "failed", "vetoed"):
+        if state not in ("completed", "failed", "vetoed", "waiting", "rejected", "abandoned"):
             return
+        if state == "waiting":  # for a person: say how to answer
+            info = f"{info}; approve or reject it: labpilot approve|reject {runtime.output_dir} {number}"
         if self.progress is not None:
-            self.progress.update(self.task, advance=1 if state != "vetoed" else 0, best=self._best(runtime))
+            self.progress.update(self.task, advance=1 if state in ("completed", "failed", "abandoned") else 0,
+                                 best=self._best(runtime))
             if state != "completed":
                 self.progress.console.print(Text.assemble(f"  trial {number} ", (state, "red"), f": {info}"))
         else:
@@ -725,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address publishers connect to (loopback by default; the stream has no authentication yet)")
     p.add_argument("--subscribe", default="tcp://127.0.0.1:5578", help="address subscribers connect to")
     p.set_defaults(func=cmd_proxy)
+    from orchestrator.control_cli import add_parsers as add_control_parsers
+
+    add_control_parsers(sub, _campaign_options)
     return parser
 
 

@@ -100,8 +100,8 @@ def parse_value(parameter: Any, raw: Any) -> Any:
         if value != int(value):
             raise ControlError(f"{name}={raw!r} is not a whole number ({name} is an int parameter)")
         value = int(value)
-    if not (parameter.low <= value <= parameter.high):
-        raise ControlError(f"{name}={raw!r} is outside its range [{parameter.low}, {parameter.high}]")
+    if not (parameter.lower <= value <= parameter.upper):
+        raise ControlError(f"{name}={raw!r} is outside its range [{parameter.lower}, {parameter.upper}]")
     return value
 
 

@@ -24,17 +24,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from instruments import Instrument, InstrumentRunner, InstrumentTimeout, MeasurementError
+from orchestrator.approval import waits_because
+from orchestrator.control import Applier
 from orchestrator.learning import CampaignStream, LiveModels
-from orchestrator.ledger import CampaignRefused, Ledger
+from orchestrator.ledger import APPROVAL_TIMEOUT, CampaignRefused, Ledger, utcnow
 from orchestrator.report import Best, best_so_far
 from orchestrator.safety import check_point
 from orchestrator.settings import Settings
-from orchestrator.spec import CampaignSpec, InstrumentSpec
+from orchestrator.spec import Budget, CampaignSpec, InstrumentSpec
 from planners import Planner, Proposal, make_planner
 
 log = logging.getLogger("labpilot")
 
 MAX_CONSECUTIVE_VETOES = 25
+#: seconds between the loop's looks at the ledger for operator commands when nothing finishes
+POLL_SECONDS = 0.1
 #: the campaign's lock: renewed every LOCK_RENEW seconds, lapses after LOCK_LEASE without renewal
 LOCK_LEASE, LOCK_RENEW = 60.0, 5.0
 #: what makes a campaign the campaign it is: a resumed run whose file changes one of these is refused
@@ -145,15 +149,33 @@ def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner
     for inst in spec.instruments:
         for lane in range(inst.concurrency):
             name = inst.name if inst.concurrency == 1 else f"{inst.name}-{lane + 1}"
-            device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners))
+            device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners),
+                                            parameters=spec.parameters)
+            timeout = inst.timeout
+            if inst.kind == "manual" and "timeout" not in inst.model_fields_set:
+                from instruments.manual import MANUAL_TIMEOUT
+
+                timeout = MANUAL_TIMEOUT  # a person's measurement takes what it takes
             runners.append(InstrumentRunner(
-                Instrument(name=name, device=device, outcomes=outcomes, timeout=inst.timeout),
+                Instrument(name=name, device=device, outcomes=outcomes, timeout=timeout),
                 on_document=on_document,
             ))
     return runners
 
 
-def _make_device(inst: InstrumentSpec, name: str, seed: int) -> tuple[Any, list[str]]:
+def is_manual(runner: InstrumentRunner) -> bool:
+    """The runner's instrument is a person (``kind: manual``)."""
+    from instruments.manual import ManualInstrumentBase
+
+    return isinstance(runner.instrument.device, ManualInstrumentBase)
+
+
+def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[Any] = ()) -> tuple[Any, list[str]]:
+    if inst.kind == "manual":
+        from instruments.manual import make_manual_device
+
+        return make_manual_device(name.replace("-", "_"), list(parameters), list(inst.outcomes or [])), \
+            list(inst.outcomes or [])
     if inst.device:
         import importlib
 
@@ -232,10 +254,24 @@ class CampaignRuntime:
             if changed:  # safe changes (budget, envelope, instruments, ...): taken, and recorded
                 log.warning("campaign %s: the file changed on resume: %s", spec.name, changed)
                 self.ledger.accept_spec_change(self.campaign_id, spec_json, changed)
+            self.spec = spec = self._operator_budget(spec)
             self._build(spec, settings, observer, on_document)
         except BaseException:
             self.ledger.release(self.campaign_id, self.lock_owner)
             raise
+
+    def _operator_budget(self, spec: CampaignSpec) -> CampaignSpec:
+        """The budget an operator set while it ran (``labpilot budget``, the console) outlives a
+        restart, unless the campaign file's budget was edited since: then the newer word wins."""
+        override = self.ledger.campaign(self.campaign_id).budget_override
+        if not override:
+            return spec
+        if override.get("file_budget") != spec.budget.model_dump(mode="json"):
+            log.warning("campaign %s: the file's budget changed since an operator set one; the file's is "
+                        "taken", spec.name)
+            self.ledger.update_campaign(self.campaign_id, budget_override=None)
+            return spec
+        return spec.model_copy(update={"budget": Budget.model_validate(override["budget"])})
 
     def _build(self, spec: CampaignSpec, settings: Settings, observer: CampaignObserver | None,
                on_document: Any) -> None:
@@ -245,6 +281,8 @@ class CampaignRuntime:
         # The bus first (it relays the ledger's news from now on), then the RunEngines on it.
         self.stream = CampaignStream(self.ledger, self.campaign_id, settings.stream_publish,
                                      settings.stream_subscribe).start()
+        # where the console (any process) follows this run live
+        self.ledger.update_campaign(self.campaign_id, stream_address=self.stream.subscribe_address)
         # the ledger's journal first: a document is recorded before anyone else sees it
         callbacks = [DocumentJournal(self.ledger), self.stream.on_document] + ([on_document] if on_document else [])
         self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
@@ -263,7 +301,10 @@ class CampaignRuntime:
         if self.models is not None:
             self.models.stop()
         self.stream.stop()
-        self.ledger.release(self.campaign_id, self.lock_owner)
+        try:
+            self.ledger.update_campaign(self.campaign_id, stream_address=None)
+        finally:
+            self.ledger.release(self.campaign_id, self.lock_owner)
 
     def best(self) -> Best:
         ref = None
@@ -289,11 +330,16 @@ class CampaignRuntime:
         A trial left ``running`` by a crash: if its run's stop document is in the ledger (the
         journal writes each document as it is emitted), the run finished and its result is
         read from the documents and recorded (completed, or failed as the run says). Otherwise
-        it may have run on the hardware, so it is abandoned (never rerun). ``proposed`` and
-        ``approved`` trials never reached an instrument and are dispatched as they are.
+        it may have run on the hardware, so it is abandoned (never rerun). A trial on a ``kind:
+        manual`` instrument stays running: a person is measuring it, and the dispatcher waits
+        for their result again. ``proposed`` and ``approved`` trials never reached an instrument
+        and are dispatched as they are (a proposal waiting for approval goes on waiting).
         """
         readers = {r.instrument.name: r.instrument for r in self.runners}
+        manual = {r.instrument.name for r in self.runners if is_manual(r)}
         for t in self.ledger.trials(self.campaign_id, ("running",)):
+            if t.instrument in manual:
+                continue  # a person is measuring it: it waits for their result (the dispatcher re-attaches it)
             docs = self.ledger.documents(t.id)
             stop = next((d for n, d in docs if n == "stop"), None)
             inst = readers.get(t.instrument or "")
@@ -373,7 +419,9 @@ class _Lease(threading.Thread):
 
 
 class _Dispatcher:
-    """The loop's state: free stations, trials in flight, failure and veto streaks."""
+    """The loop's state: free stations, trials in flight, proposals waiting for a person, the
+    operator's pause and stop, failure and veto streaks. It carries out operator commands
+    (orchestrator.control) between steps."""
 
     def __init__(self, runtime: CampaignRuntime, t_start: float) -> None:
         self.rt = runtime
@@ -384,21 +432,77 @@ class _Dispatcher:
         self.free = list(runtime.runners)
         self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
         self.numbers: dict[int, int] = {}  # trial id -> trial number, of those in flight
+        self.station: dict[int, InstrumentRunner] = {}  # trial id -> its station, of those in flight
         self.consecutive_failures = 0
         self.consecutive_vetoes = 0
-        # Trials a crashed run had proposed or approved but never started.
-        self.backlog = [t.id for t in self.ledger.trials(self.cid, ("proposed", "approved"))]
+        campaign = self.ledger.campaign(self.cid)
+        self.paused = bool(campaign.paused)
+        self.stop_text = ""
+        #: trials an operator abandoned while they ran: trial id -> reason (recorded when the run ends)
+        self.abandoning: dict[int, str] = {}
+        #: manual trials let go of when the campaign stops: they stay running, with the person
+        self.detached: set[int] = set()
+        # Trials a crashed run had approved but never started, and those an operator approved.
+        waiting = self.ledger.trials(self.cid, ("proposed", "approved"))
+        self.backlog = [t.id for t in waiting if not t.awaiting]
+        #: proposals waiting for a person: trial id -> (trial number, parameters)
+        self.waiting: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._sync_waiting()
+        # Trials a person was measuring when the campaign stopped: they wait for the result again.
+        manual = {r.instrument.name for r in runtime.runners if is_manual(r)}
+        self.reattach = [t for t in self.ledger.trials(self.cid, ("running",)) if t.instrument in manual]
+        self.applier = Applier(self.ledger, self.cid, self)
+
+    # ---- what the operator's commands call (orchestrator.control.Campaign) ----------
+    def request_stop(self, reason: str) -> None:
+        self.stop_text = reason
+        self.rt.stop_requested.set()
+
+    def set_budget(self, budget: dict[str, Any]) -> None:
+        old = self.spec.budget
+        new = Budget.model_validate({**old.model_dump(), **budget})
+        file_budget = Budget.model_validate(self.ledger.campaign(self.cid).spec.get("budget") or {})
+        self.spec = self.rt.spec = self.spec.model_copy(update={"budget": new})
+        self.ledger.update_campaign(self.cid, budget_override={
+            "budget": new.model_dump(mode="json"), "file_budget": file_budget.model_dump(mode="json")})
+
+    def check_point(self, parameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        return check_point(parameters, self.rt.problem.space, self.spec.safety)
+
+    def abandon_trial(self, trial_id: int, reason: str) -> str | None:
+        if trial_id in self.in_flight:
+            self.abandoning[trial_id] = reason
+            self.station[trial_id].abort(reason)  # its run ends aborted; record() writes it abandoned
+            return None
+        if trial_id in self.backlog:
+            self.backlog.remove(trial_id)
+            self.ledger.transition(trial_id, "abandoned", "operator", reason)
+            return None
+        return f"trial {self.ledger.trial(trial_id).number} is not running in this campaign"
+
+    def tell_result(self, trial_id: int, values: dict[str, float] | None, failed: str | None) -> str | None:
+        runner = self.station.get(trial_id)
+        if runner is None or not is_manual(runner):
+            return f"trial {self.ledger.trial(trial_id).number} is not waiting for a person's result"
+        return runner.instrument.device.tell(values, failed)
 
     # ---- steps ---------------------------------------------------------------
-    def submit(self, runner: InstrumentRunner, trial_id: int, parameters: dict[str, Any]) -> None:
+    def _sync_waiting(self) -> None:
+        self.waiting = {t.id: (t.number, dict(t.parameters))
+                        for t in self.ledger.trials(self.cid, ("proposed",)) if t.awaiting}
+
+    def submit(self, runner: InstrumentRunner, trial_id: int, parameters: dict[str, Any],
+               reattach: bool = False) -> None:
         """Start the trial on ``runner`` with ``parameters``: what the gate returned, never
-        anything it has not seen."""
+        anything it has not seen (``reattach``: a manual trial already running, waiting again)."""
         trial = self.ledger.trial(trial_id)
-        self.ledger.transition(trial_id, "running", "system", f"started on {runner.instrument.name}",
-                               instrument=runner.instrument.name)
-        self.rt.observer.trial_changed(self.rt, trial.number, "running", runner.instrument.name)
+        if not reattach:
+            self.ledger.transition(trial_id, "running", "system", f"started on {runner.instrument.name}",
+                                   instrument=runner.instrument.name)
+            self.rt.observer.trial_changed(self.rt, trial.number, "running", runner.instrument.name)
         self.in_flight[trial_id] = parameters
         self.numbers[trial_id] = trial.number
+        self.station[trial_id] = runner
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
               "parameters": parameters, "outcome_keys": runner.instrument.data_keys}
@@ -406,10 +510,10 @@ class _Dispatcher:
         fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
 
     def gate(self, trial_id: int, reason: str) -> dict[str, Any] | None:
-        """The safety gate, then approval (policy: auto): the parameters to send, each of its
-        declared type, or ``None`` (vetoed, and recorded). Every dispatch passes it, a trial a
-        crashed run had already approved too: the envelope may have been tightened since, and a
-        ledger can be edited by hand."""
+        """The safety gate: the parameters to send, each of its declared type, or ``None``
+        (vetoed, and recorded). Every dispatch passes it, a trial a crashed run or an operator
+        had already approved too: the envelope may have been tightened since, an operator's
+        point is theirs, and a ledger can be edited by hand."""
         trial = self.ledger.trial(trial_id)
         point, why = check_point(trial.parameters, self.rt.problem.space, self.spec.safety)
         if why:
@@ -420,8 +524,52 @@ class _Dispatcher:
             self.ledger.transition(trial_id, "approved", "system", reason)
         return point
 
+    def approval_wait(self, trial_id: int, proposal: Proposal) -> bool:
+        """Whether a proposal that passed the envelope waits for a person (then it is marked so)."""
+        policy = self.spec.approval
+        why = waits_because(policy, proposal.parameters, proposal.predicted_mean, proposal.predicted_sd,
+                            proposal.ood_score)
+        if why is None:
+            return False
+        deadline = None
+        if policy.timeout is not None:
+            from datetime import timedelta
+
+            deadline = utcnow() + timedelta(seconds=policy.timeout)
+        self.ledger.set_awaiting(trial_id, why, deadline)
+        number = self.ledger.trial(trial_id).number
+        self.waiting[trial_id] = (number, dict(proposal.parameters))
+        self.rt.observer.trial_changed(self.rt, number, "waiting", why)
+        return True
+
+    def expire_waiting(self) -> None:
+        """Reject the proposals nobody approved or rejected in time (recorded as such)."""
+        timeout = self.spec.approval.timeout
+        if not self.waiting or timeout is None:
+            return
+        now = utcnow()
+        for t in self.ledger.trials(self.cid, ("proposed",)):
+            deadline = t.wait_deadline
+            if deadline is not None and deadline.tzinfo is None:
+                deadline = deadline.replace(tzinfo=now.tzinfo)
+            if t.awaiting and deadline is not None and deadline <= now:
+                self.ledger.set_awaiting(t.id, None)
+                self.ledger.transition(t.id, "rejected", "system", f"{APPROVAL_TIMEOUT} after {timeout:g} s: "
+                                       "nobody approved or rejected it")
+                self.waiting.pop(t.id, None)
+                self.rt.observer.trial_changed(self.rt, t.number, "rejected", APPROVAL_TIMEOUT)
+
+    def _free_for(self, manual: bool | None = None) -> InstrumentRunner | None:
+        for r in self.free:
+            if manual is None or is_manual(r) == manual:
+                self.free.remove(r)
+                return r
+        return None
+
     def dispatch(self, room: int) -> None:
-        """Fill free stations: first the backlog, then fresh proposals."""
+        """Fill free stations: first the backlog (approved trials), then fresh proposals; a
+        proposal the approval policy holds waits for a person (and keeps a station idle only
+        when the campaign says ``hold_instrument``)."""
         t_iter = time.perf_counter()
         planner_seconds = 0.0
         while self.backlog and self.free and room > 0:
@@ -430,28 +578,41 @@ class _Dispatcher:
             if point is not None:
                 self.submit(self.free.pop(0), tid, point)
                 room -= 1
-        n = min(len(self.free), room)
+        approval = self.spec.approval
+        held = len(self.waiting) if approval.hold_instrument else 0
+        n = min(len(self.free) - held, room - len(self.waiting))
+        if approval.policy != "auto":
+            most = approval.max_waiting or len(self.rt.runners)
+            n = min(n, most - len(self.waiting))
         if n > 0:
-            # The planner gets the ledger's history, the running trials and the model state of the
-            # latest proposal, nothing else, and the proposal records which: a decision replays
-            # exactly from the ledger (orchestrator.replay).
+            # The planner gets the ledger's history, the trials running or waiting and the model
+            # state of the latest proposal, nothing else, and the proposal records which: a
+            # decision replays exactly from the ledger (orchestrator.replay).
             numbered = self.ledger.numbered_history(self.cid)
             state_from, state = self.ledger.latest_model_state(self.cid)
-            inputs = {"history": [k for k, _ in numbered], "pending": [self.numbers[t] for t in self.in_flight],
+            pending = [(self.numbers[t], p) for t, p in self.in_flight.items()] + list(self.waiting.values())
+            inputs = {"history": [k for k, _ in numbered], "pending": [k for k, _ in pending],
+                      "pending_points": [p for _, p in pending],
                       "state_from": state_from, "n": n, "trainer": self.rt.models is not None}
             t0 = time.perf_counter()
-            proposals = propose(self.rt.planner, n, [h for _, h in numbered], list(self.in_flight.values()),
-                                state)
+            proposals = propose(self.rt.planner, n, [h for _, h in numbered], [p for _, p in pending], state)
             planner_seconds = time.perf_counter() - t0
             self.rt.timings["propose"].append(planner_seconds)
             for i, p in enumerate(proposals):
                 tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i})
-                point = self.gate(tid, "passed the safety envelope (approval policy: auto)")
-                if point is not None:
-                    self.consecutive_vetoes = 0
-                    self.submit(self.free.pop(0), tid, point)
-                else:
+                trial = self.ledger.trial(tid)
+                point, why = check_point(trial.parameters, self.rt.problem.space, self.spec.safety)
+                if why:
+                    self.ledger.transition(tid, "vetoed", "system", why)
+                    self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
                     self.consecutive_vetoes += 1
+                    continue
+                self.consecutive_vetoes = 0
+                if self.approval_wait(tid, p):
+                    continue
+                self.ledger.transition(tid, "approved", "system",
+                                       f"passed the safety envelope (approval policy: {approval.policy})")
+                self.submit(self.free.pop(0), tid, point)
         # Orchestration alone: ledger writes, safety gate, task submission (not the planner).
         self.rt.timings["overhead"].append(time.perf_counter() - t_iter - planner_seconds)
 
@@ -464,9 +625,17 @@ class _Dispatcher:
             outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
         self.free.append(runner)
         self.in_flight.pop(trial_id, None)
+        self.station.pop(trial_id, None)
         number = self.numbers.pop(trial_id)
+        if trial_id in self.detached:  # a person still has it: it stays running
+            self.detached.discard(trial_id)
+            return
         self.rt.timings["instrument"].append(outcome.seconds)
-        if outcome.state == "completed":
+        if trial_id in self.abandoning:
+            reason = self.abandoning.pop(trial_id)
+            self.ledger.transition(trial_id, "abandoned", "operator", f"{reason} (its run was aborted)")
+            self.rt.observer.trial_changed(self.rt, number, "abandoned", reason)
+        elif outcome.state == "completed":
             self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
             self.consecutive_failures = 0
             self.rt.observer.trial_changed(self.rt, number, "completed", _fmt(outcome.values))
@@ -480,7 +649,7 @@ class _Dispatcher:
         """Why the campaign must stop dispatching, or ``None`` to go on."""
         budget = self.spec.budget
         if self.rt.stop_requested.is_set():
-            return "stopped", "stopped by the operator"
+            return "stopped", self.stop_text or "stopped by the operator"
         if self.consecutive_failures >= budget.max_consecutive_failures:
             return "failed", (f"{self.consecutive_failures} trials failed in a row; check the instrument, "
                               "then resume with 'labpilot run' again")
@@ -498,29 +667,55 @@ class _Dispatcher:
         """Wall time the campaign has run: earlier sessions (from the ledger) and this one."""
         return self.rt.wall_before + time.monotonic() - self.t_start
 
+    def _reattach(self) -> None:
+        """Put the manual trials a person was measuring back on their stations, to wait again."""
+        for t in self.reattach:
+            runner = next((r for r in self.free if r.instrument.name == t.instrument), None)
+            if runner is not None:
+                self.free.remove(runner)
+                self.submit(runner, t.id, dict(t.parameters), reattach=True)
+        self.reattach = []
+
+    def _let_go_of_manual(self) -> None:
+        """On stop: trials a person is measuring are not waited for; they stay running and are
+        taken up again when the campaign resumes."""
+        for tid, runner in list(self.station.items()):
+            if is_manual(runner) and tid not in self.detached and tid not in self.abandoning:
+                self.detached.add(tid)
+                runner.abort("the campaign stopped; the trial waits for its result")
+
     def run(self) -> tuple[str, str]:
+        self._reattach()
         while True:
+            if self.applier.apply_pending():
+                self._sync_waiting()
+            self.expire_waiting()
             # what reached an instrument counts, abandoned trials too (a crash must not buy runs)
             room = self.spec.budget.max_trials - self.ledger.runs_done(self.cid) - len(self.in_flight)
             stop = self.stop_reason()
+            if stop is not None:
+                self._let_go_of_manual()
             if not self.in_flight and (stop is not None or room <= 0):
                 return stop or ("finished", "budget of trials spent")
-            if stop is None and self.free and room > 0:
+            if stop is None and not self.paused and self.free and room > 0:
                 self.dispatch(room)
-                if not self.in_flight:
-                    continue
-            try:  # a short timeout keeps stop requests and the wall-time budget responsive
-                runner, trial_id, fut = self.done_q.get(timeout=0.5)
+                if not self.in_flight and not self.waiting:
+                    continue  # all vetoed: ask again at once
+            try:  # a short timeout keeps commands, stop requests and the wall-time budget responsive
+                runner, trial_id, fut = self.done_q.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
             self.record(runner, trial_id, fut)
 
     def interrupt(self, reason: str) -> None:
-        """Abort every run in flight and record those trials as abandoned by the operator."""
+        """Abort every run in flight and record those trials as abandoned by the operator (a
+        person's measurement excepted: it stays running, to be told when the campaign resumes)."""
         for runner in self.rt.runners:
             if runner.RE.state != "idle":
                 runner.abort(reason)  # never blocks, even when a device call has the RunEngine stuck
         for trial_id in list(self.in_flight):
+            if is_manual(self.station[trial_id]):
+                continue
             self.ledger.transition(trial_id, "abandoned", "operator", reason)
 
 

@@ -64,10 +64,12 @@ def replay_campaign(ledger: Ledger, campaign_id: int) -> list[ReplayedProposal]:
                 planner.surrogate_source = FixedModels(recorded_version(ledger, campaign_id, label))
             state_from = inputs.get("state_from")
             asked[key] = planner.ask(inputs["n"], [history_item(by_number[k]) for k in inputs["history"]],
-                                     [dict(by_number[k].parameters) for k in inputs["pending"]],
+                                     inputs.get("pending_points")
+                                     or [dict(by_number[k].parameters) for k in inputs["pending"]],
                                      state=states.get(state_from) if state_from is not None else None)
         again = asked[key][inputs["index"]]
-        out.append(ReplayedProposal(t.number, dict(t.parameters), _plain(again.parameters), label,
+        proposed = t.proposal.parameters or t.parameters  # as proposed, before an operator's edit
+        out.append(ReplayedProposal(t.number, dict(proposed), _plain(again.parameters), label,
                                     again.model_version))
     return out
 

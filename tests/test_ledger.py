@@ -41,6 +41,7 @@ def _run_to(ledger: Ledger, trial_id: int, state: str) -> None:
         "failed": ["approved", "running", "failed"],
         "vetoed": ["vetoed"],
         "abandoned": ["abandoned"],
+        "rejected": ["rejected"],
     }[state]
     for s in path:
         ledger.transition(trial_id, s, "system", f"to {s}")
