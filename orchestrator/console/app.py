@@ -16,6 +16,8 @@ import io
 import logging
 import re
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -202,7 +204,15 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
     """
     hub = LiveHub(poll_every=poll_every, use_stream=live_source == "stream")
     console = Console(ledgers, users_ledger, auth_required, wait_seconds, hub)
-    app = FastAPI(title="labpilot console", version="1",
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        hub.stop()
+        for led, listener in getattr(_app.state, "console_listeners", []):
+            if listener in led.listeners:
+                led.listeners.remove(listener)
+
+    app = FastAPI(title="labpilot console", version="1", lifespan=lifespan,
                   description="Watch and steer labpilot campaigns. Campaign ids are '<ledger index>-<campaign id>'.")
     app.state.console = console
     if live_source == "listeners":
@@ -574,13 +584,6 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
         return FileResponse(plotly_js_path(), media_type="text/javascript")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.on_event("shutdown")
-    def _stop_feeds() -> None:
-        hub.stop()
-        for led, listener in getattr(app.state, "console_listeners", []):
-            if listener in led.listeners:
-                led.listeners.remove(listener)
 
     return app
 
