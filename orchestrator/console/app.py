@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -290,6 +290,8 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
     @api.post("/logout", response_model=S.OkOut, tags=["auth"])
     def logout(request: Request, response: Response) -> Any:
         p = console.principal(request)
+        if p.anonymous:
+            raise ApiError(401, "not logged in", None, "nothing to log out of")
         console.writer_checks(request, p)
         if p.session:
             console.auth.sessions.end(p.session)
@@ -433,25 +435,35 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
         camp.ledger.add_command(camp.row.id, who[:100], role[:20], via, action, trial, args or {}, reason,
                                 status="denied", outcome=why)
 
+    def control_gate(request: Request) -> Principal:
+        """Before the body is read: who asks, from where, with which CSRF token; every refusal is
+        written to the campaign's audit log (a viewer's is written by Control.submit)."""
+        camp = console.campaign(str(request.path_params.get("cid", "")))
+        action = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        raw = str(request.path_params.get("number", ""))
+        trial = int(raw) if raw.isdigit() and len(raw) < 10 else None
+        try:
+            p = console.principal(request)
+        except ApiError as exc:
+            _deny(camp, request, action, trial, {}, "", "(bad credentials)", "none", exc.error)
+            raise
+        try:
+            console.writer_checks(request, p)
+        except ApiError as exc:
+            _deny(camp, request, action, trial, {}, "", p.name or "anonymous", p.role or "none", exc.error)
+            raise
+        if p.anonymous:
+            _deny(camp, request, action, trial, {}, "", "anonymous", "none", "not logged in")
+            raise ApiError(401, f"log in to {action}", None, "POST /api/login as an operator, or send "
+                                                              "'Authorization: Bearer TOKEN'")
+        request.state.principal = p
+        return p
+
     def _submit(request: Request, cid: str, action: str, trial: int | None = None,
                 args: dict[str, Any] | None = None, reason: str = "", frame: Any = None,
                 source: str = "") -> Response:
         camp = console.campaign(cid)
-        try:
-            p = console.principal(request)
-        except ApiError as exc:
-            _deny(camp, request, action, trial, args, reason, "(bad credentials)", "none", exc.error)
-            raise
-        who = p.name or "anonymous"
-        try:
-            console.writer_checks(request, p)
-        except ApiError as exc:
-            _deny(camp, request, action, trial, args, reason, who, p.role or "none", exc.error)
-            raise
-        if p.anonymous:
-            _deny(camp, request, action, trial, args, reason, "anonymous", "none", "not logged in")
-            raise ApiError(401, f"log in to {action}", None, "POST /api/login as an operator, or send "
-                                                              "'Authorization: Bearer TOKEN'")
+        p: Principal = request.state.principal
         actor = Actor(p.name, p.role or "viewer", "console" if p.via == "cookie" else "api")
         control = Control(camp.ledger, camp.row.id)
         try:
@@ -476,7 +488,7 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
                            "the campaign refused it when carrying it out; refresh and look again", command=row)
         return JSONResponse(out, status_code=200 if row.status == "applied" else 202)
 
-    _cmd = {"response_model": S.CommandOut, "tags": ["control"],
+    _cmd = {"response_model": S.CommandOut, "tags": ["control"], "dependencies": [Depends(control_gate)],
             "responses": {202: {"model": S.CommandOut, "description": "written; the campaign is not running now "
                                 "and carries it out when it resumes"}}}
 

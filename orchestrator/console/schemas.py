@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 State = Literal["proposed", "vetoed", "rejected", "approved", "running", "completed", "failed", "abandoned"]
 Role = Literal["viewer", "operator", "admin"]
+#: a time with its offset (SQLite hands back naive UTC; RFC 3339 wants the offset)
+Time = Annotated[datetime, AfterValidator(lambda d: d.replace(tzinfo=UTC) if d.tzinfo is None else d)]
 
 
 class _In(BaseModel):
@@ -74,13 +76,13 @@ class CampaignSummary(BaseModel):
     paused: bool
     live: bool = Field(description="a process holds the campaign's lock now")
     counts: dict[str, int]
-    created_at: datetime | None = None
+    created_at: Time | None = None
 
 
 class CampaignOut(CampaignSummary):
     description: str = ""
     stop_reason: str | None = None
-    finished_at: datetime | None = None
+    finished_at: Time | None = None
     budget: BudgetOut
     parameters: list[ParameterOut]
     objectives: list[ObjectiveOut]
@@ -102,13 +104,13 @@ class ProposalOut(BaseModel):
     ood_score: float | None = None
     model_unseen: int | None = None
     proposed_parameters: dict[str, Any] | None = Field(None, description="as the planner proposed them")
-    at: datetime | None = None
+    at: Time | None = None
 
 
 class EventOut(BaseModel):
     from_state: str | None = None
     to_state: str
-    at: datetime | None = None
+    at: Time | None = None
     actor: str
     reason: str = ""
 
@@ -120,12 +122,12 @@ class TrialOut(BaseModel):
     outcomes: dict[str, Any] | None = None
     instrument: str | None = None
     awaiting: str | None = Field(None, description="why a proposed trial waits for a person")
-    wait_deadline: datetime | None = None
+    wait_deadline: Time | None = None
     source: str | None = None
     reason: str | None = None
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: Time | None = None
+    started_at: Time | None = None
+    finished_at: Time | None = None
 
 
 class TrialDetail(TrialOut):
@@ -151,14 +153,14 @@ class ObservationOut(BaseModel):
     trial: int
     values: dict[str, Any]
     units: dict[str, Any] = Field(default_factory=dict)
-    at: datetime | None = None
+    at: Time | None = None
 
 
 class WaitingOut(BaseModel):
     trial: int
     parameters: dict[str, Any]
     awaiting: str
-    wait_deadline: datetime | None = None
+    wait_deadline: Time | None = None
     proposal: ProposalOut | None = None
 
 
@@ -167,7 +169,7 @@ class InstrumentOut(BaseModel):
     trial: int
     state: State
     parameters: dict[str, Any]
-    since: datetime | None = None
+    since: Time | None = None
 
 
 class ModelVersionOut(BaseModel):
@@ -177,12 +179,12 @@ class ModelVersionOut(BaseModel):
     n_points: int
     metrics: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime | None = None
+    created_at: Time | None = None
 
 
 class CommandOut(BaseModel):
     id: int
-    at: datetime | None = None
+    at: Time | None = None
     user: str
     role: str
     via: str
@@ -192,7 +194,7 @@ class CommandOut(BaseModel):
     reason: str = ""
     status: Literal["pending", "applied", "refused", "denied"]
     outcome: str = ""
-    applied_at: datetime | None = None
+    applied_at: Time | None = None
 
 
 class CommandPage(BaseModel):
