@@ -314,3 +314,19 @@ def test_cli_user_add_token_console_refusal(tmp_path, monkeypatch, capsys):
     assert c.get("/api/me", headers={"Authorization": f"Bearer {token}"}).json()["name"] == "bob"
     assert c.post("/api/login", json={"name": "bob", "password": "a-long-password"}).status_code == 200
     led.close()
+
+
+def test_in_process_listeners_feed_the_websocket_at_once(tmp_path):
+    led = Ledger.for_directory(tmp_path)
+    cid = build_campaign(led, n_done=1, waiting=1)
+    app = create_app([led], led, auth_required=False, live_source="listeners", poll_every=30)
+    with TestClient(app) as c:
+        with c.websocket_connect(f"/api/campaigns/{CID}/live") as ws:
+            assert ws.receive_json()["topic"] == "hello"
+            tid = led.trials(cid, ("proposed",))[0].id
+            led.set_awaiting(tid, None)
+            led.transition(tid, "approved", "operator", "ok")
+            msg = ws.receive_json()
+            assert (msg["topic"], msg["via"], msg["body"]["state"]) == ("trial", "ledger", "approved")
+    assert led.listeners == []  # the app's listener leaves with it
+    led.close()

@@ -4,7 +4,6 @@ every POST route refuses a caller without credentials."""
 
 from __future__ import annotations
 
-import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings

@@ -34,7 +34,6 @@ from starlette.websockets import WebSocketDisconnect
 
 from orchestrator.console import schemas as S
 from orchestrator.console.auth import (
-    ANONYMOUS,
     COOKIE,
     Authenticator,
     AuthError,
@@ -324,7 +323,7 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
             stream_address=camp.row.stream_address, waiting=waiting, best=best).model_dump(mode="json")
 
     @api.get("/campaigns/{cid}/trials", response_model=S.TrialPage, tags=["trials"])
-    def trials(cid: str, request: Request, state: list[S.State] | None = Query(None),
+    def trials(cid: str, request: Request, state: Annotated[list[S.State] | None, Query()] = None,
                limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=10**9)) -> Any:
         console.reader(request)
         camp = console.campaign(cid)
@@ -590,6 +589,10 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:

@@ -30,7 +30,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.control import campaign_is_live
-from orchestrator.ledger import CampaignRow, CommandRow, Ledger, ModelVersionRow, TrialEventRow, TrialRow
+from orchestrator.ledger import (
+    CampaignRow,
+    CommandRow,
+    Ledger,
+    ModelVersionRow,
+    TrialEventRow,
+    TrialRow,
+)
 
 log = logging.getLogger("labpilot.console")
 
