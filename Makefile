@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/labpilot run examples/branin.yaml --output runs/demo --fresh
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (Playwright's own browsers cannot be downloaded here).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -35,6 +35,8 @@ class ManualInstrumentBase(Device):
         self.outcome_names = list(outcomes)
         self._lock = threading.Lock()
         self._status: DeviceStatus | None = None
+        #: a result told before the run reached its trigger (a resumed campaign re-attaching the trial)
+        self._early: tuple[dict[str, float] | None, str | None] | None = None
 
     def trigger(self) -> DeviceStatus:
         """Wait for the person's result: the status finishes when :meth:`tell` gives it."""
@@ -42,7 +44,15 @@ class ManualInstrumentBase(Device):
             self._status = DeviceStatus(self)
             for o in self.outcome_names:
                 getattr(self, signal_attr(o)).put(float("nan"))
-            return self._status
+            status, early, self._early = self._status, self._early, None
+        if early is not None:
+            self.tell(*early)
+        return status
+
+    def expect(self) -> None:
+        """A new trial is about to run here: forget any result not taken."""
+        with self._lock:
+            self._early = None
 
     @property
     def waiting(self) -> bool:
@@ -56,7 +66,12 @@ class ManualInstrumentBase(Device):
         with self._lock:
             status = self._status
             if status is None or status.done:
-                return f"{self.name} is not waiting for a result"
+                # the run has not reached its trigger yet: the result waits for it
+                missing = [o for o in self.outcome_names if failed is None and o not in (values or {})]
+                if missing:
+                    return f"{self.name} needs {missing}"
+                self._early = (values, failed)
+                return None
             if failed is not None:
                 status.set_exception(ManualMeasurementFailed(f"the person measuring said it failed: {failed}"))
                 return None

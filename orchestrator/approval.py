@@ -51,8 +51,8 @@ class ApprovalRule:
                 raise ValueError
         except ValueError:
             if m["op"] not in ("==", "!="):
-                raise ValueError(f"the approval rule {text!r} compares with {raw!r}, which is not a "
-                                 "finite number; only == and != take a word (a categorical choice)") from None
+                raise ValueError(f"cannot read the approval rule {text!r}: it compares with {raw!r}, which is "
+                                 "not a finite number; only == and != take a word (a categorical choice)") from None
             value = raw
         return cls(m["name"], m["op"], value, text.strip())
 

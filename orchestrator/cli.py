@@ -193,6 +193,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         live = console.is_terminal and not args.quiet
         runtime = CampaignRuntime(spec, output_dir, observer=TerminalProgress(live))
+        if args.console is not None:
+            server = _serve_console(runtime, args.console)
+            if server is None:
+                return EXIT_BAD_INPUT
         t_setup = time.perf_counter() - t0
         if api.started_server or api.url is None:
             with console.status("starting Prefect's local server (set PREFECT_API_URL to use a running one)"):
@@ -209,6 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     finally:
         api.stop()
+        if "server" in locals() and server is not None:
+            server.stop()
         if "runtime" in locals():
             runtime.close()
     if result.status == "interrupted":
@@ -236,6 +242,26 @@ def cmd_run(args: argparse.Namespace) -> int:
          "hypervolume": result.best.hypervolume, "timing": timing}, indent=2, default=str))
     runtime.ledger.close()
     return EXIT_OK if result.status in ("finished", "stopped") else EXIT_FAILURE
+
+
+def _serve_console(runtime, where: str):  # noqa: ANN001, ANN202
+    """Serve the web console of the campaign being run, fed in-process from its ledger; ``where``
+    is ``[HOST:]PORT``. ``None`` (and the reason printed) when it may not or cannot start."""
+    from orchestrator.console.app import create_app, serve_in_thread
+    from orchestrator.console.auth import UnsafeBind, check_bind
+
+    host, _, port = where.rpartition(":")
+    host = host or "127.0.0.1"
+    try:
+        check_bind(host, runtime.ledger)
+        app = create_app([runtime.ledger], runtime.ledger, auth_required=bool(runtime.ledger.users()),
+                         live_source="listeners")
+        server = serve_in_thread(app, host, int(port or 0))
+    except (UnsafeBind, ValueError, OSError) as exc:
+        err_console.print(Text(f"error: the console cannot start: {exc}"), soft_wrap=True)
+        return None
+    console.print(Text(f"console: {server.url}/ (Ctrl-C stops the campaign and the console)"))
+    return server
 
 
 def _print_resume_hint(file: str, output_dir: Path) -> None:
@@ -694,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="campaign directory: ledger, exports, logs (default runs/<name>)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in the directory first")
     p.add_argument("--quiet", action="store_true", help="no live progress bar")
+    p.add_argument("--console", nargs="?", const="127.0.0.1:8765", metavar="[HOST:]PORT",
+                   help="serve the web console of this campaign (default 127.0.0.1:8765; :0 picks a free port)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a campaign file and report every problem")
     p.add_argument("file")
@@ -732,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.control_cli import add_parsers as add_control_parsers
 
     add_control_parsers(sub, _campaign_options)
+    from orchestrator.console.commands import add_parsers as add_console_parsers
+
+    add_console_parsers(sub)
     return parser
 
 

@@ -503,6 +503,8 @@ class _Dispatcher:
         self.in_flight[trial_id] = parameters
         self.numbers[trial_id] = trial.number
         self.station[trial_id] = runner
+        if is_manual(runner):
+            runner.instrument.device.expect()
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
               "parameters": parameters, "outcome_keys": runner.instrument.data_keys}
@@ -541,6 +543,16 @@ class _Dispatcher:
         self.waiting[trial_id] = (number, dict(proposal.parameters))
         self.rt.observer.trial_changed(self.rt, number, "waiting", why)
         return True
+
+    def max_waiting(self) -> int:
+        """Proposals that may wait for a person at once: under ``manual`` one per station (every
+        proposal waits: asking for more only piles them up); under a policy that holds only some,
+        more, so that the proposals that need no one keep the stations busy meanwhile."""
+        approval = self.spec.approval
+        if approval.max_waiting is not None:
+            return approval.max_waiting
+        stations = len(self.rt.runners)
+        return stations if approval.policy == "manual" else max(10, 2 * stations)
 
     def expire_waiting(self) -> None:
         """Reject the proposals nobody approved or rejected in time (recorded as such)."""
@@ -581,9 +593,8 @@ class _Dispatcher:
         approval = self.spec.approval
         held = len(self.waiting) if approval.hold_instrument else 0
         n = min(len(self.free) - held, room - len(self.waiting))
-        if approval.policy != "auto":
-            most = approval.max_waiting or len(self.rt.runners)
-            n = min(n, most - len(self.waiting))
+        if approval.policy != "auto" and len(self.waiting) >= self.max_waiting():
+            n = 0  # enough proposals wait for a person; ask for more once they answer
         if n > 0:
             # The planner gets the ledger's history, the trials running or waiting and the model
             # state of the latest proposal, nothing else, and the proposal records which: a

@@ -178,7 +178,8 @@ class ApprovalSpec(_Spec):
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False,
                                   description="seconds a proposal waits before it is rejected; none: forever")
     hold_instrument: bool = Field(False, description="a waiting proposal keeps its instrument idle for it")
-    max_waiting: int | None = Field(None, ge=1, description="proposals waiting at once; default: one per station")
+    max_waiting: int | None = Field(None, ge=1, description="proposals waiting at once; default: one per "
+                                    "station under 'manual', else ten (or two per station, if more)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ApprovalSpec:

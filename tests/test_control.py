@@ -157,7 +157,7 @@ def test_an_edited_proposal_that_leaves_the_envelope_is_vetoed_not_run(tmp_path,
 
 def test_pause_dispatches_nothing_more_and_resume_goes_on(tmp_path, journal):
     out = tmp_path / "run"
-    with running(_write(tmp_path, trials=30), out):
+    with running(_write(tmp_path, trials=30), out) as run:
         until(lambda: len(runs(journal)) >= 2, what="two runs")
         assert main(["pause", str(out)]) == 0
         started = len(runs(journal))
@@ -172,6 +172,7 @@ def test_pause_dispatches_nothing_more_and_resume_goes_on(tmp_path, journal):
         assert main(["resume", str(out)]) == 0
         until(lambda: len(runs(journal)) > paused_at + 1, what="dispatch after resume")
         assert main(["budget", str(out), "--max-trials", str(paused_at + 3)]) == 0
+        run.join()
     campaign = Ledger(sqlite_url(out)).campaign()
     assert campaign.status == "finished", campaign.stop_reason
     assert len(runs(journal)) == paused_at + 3
