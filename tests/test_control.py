@@ -118,7 +118,7 @@ def audit(out: Path) -> list:
 
 def test_manual_approval_dispatches_nothing_until_a_person_approves(tmp_path, journal, capsys):
     out = tmp_path / "run"
-    with running(_write(tmp_path, trials=2, approval="{policy: manual}"), out) as run:
+    with running(_write(tmp_path, trials=2, approval="{policy: manual}"), out):
         first = until(lambda: waiting(out), what="a proposal waiting for approval")[0]
         time.sleep(1.0)  # the campaign keeps polling; nothing may reach the instrument meanwhile
         assert runs(journal) == []
@@ -242,7 +242,7 @@ def test_rules_policy_holds_only_matching_proposals_and_keeps_the_station_busy(t
         until(lambda: len(runs(journal)) >= 3 and waiting(out), timeout=40, what="runs beside a waiting proposal")
         for t in waiting(out):
             assert t.parameters["x2"] > 7.5 and "x2 > 7.5" in t.awaiting
-    for x1, x2 in runs(journal):
+    for _x1, x2 in runs(journal):
         assert x2 <= 7.5  # nothing that matched the rule ran without a person
 
 
