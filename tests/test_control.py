@@ -347,3 +347,51 @@ def test_suggest_and_tell_name_what_is_wrong(tmp_path, capsys):
     assert main(["suggest", str(tmp_path / "nowhere")]) == 2
     assert main(["pause", str(tmp_path / "nowhere")]) == 2
     assert "ledger" in capsys.readouterr().err
+
+
+def test_the_api_steers_a_running_campaign_like_the_command_line(tmp_path, journal, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from orchestrator.console import create_app
+    from orchestrator.console.auth import new_token, token_hash
+
+    out = tmp_path / "run"
+    with running(_write(tmp_path, trials=3, approval="{policy: manual}"), out) as run:
+        ledger = run.runtime.ledger
+        ledger.add_user("olga", "operator", None)
+        ledger.add_user("vera", "viewer", None)
+        tokens = {name: new_token() for name in ("olga", "vera")}
+        for name, token in tokens.items():
+            ledger.add_token(name, token_hash(token))
+        client = TestClient(create_app([ledger], ledger, auth_required=True, live_source="listeners"))
+        as_olga = {"Authorization": f"Bearer {tokens['olga']}"}
+        cid = f"0-{run.runtime.campaign_id}"
+        first = until(lambda: waiting(out), what="a proposal waiting")[0]
+        listed = client.get(f"/api/campaigns/{cid}/waiting", headers=as_olga)
+        assert [p["trial"] for p in listed.json()] == [first.number]
+        refused = client.post(f"/api/campaigns/{cid}/trials/{first.number}/approve",
+                              headers={"Authorization": f"Bearer {tokens['vera']}"})
+        assert refused.status_code == 403 and runs(journal) == []
+        monkeypatch.setenv("LABPILOT_TEST_LATENCY", "20")  # the next run is long: abandoned below
+        r = client.post(f"/api/campaigns/{cid}/trials/{first.number}/approve", headers=as_olga,
+                        json={"reason": "fine"})
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.json()
+        until(lambda: runs(journal), what="the approved run reaching the instrument")
+        r = client.post(f"/api/campaigns/{cid}/trials/{first.number}/abandon", headers=as_olga, json={})
+        assert r.status_code == 200, r.json()
+        until(lambda: trials(out)[first.number].state == "abandoned", timeout=10, what="the abandon")
+        monkeypatch.setenv("LABPILOT_TEST_LATENCY", "0.1")
+        r = client.post(f"/api/campaigns/{cid}/trials/{first.number}/requeue", headers=as_olga, json={})
+        assert r.status_code == 200, r.json()
+        requeued = until(lambda: [t for t in trials(out).values()
+                                  if t.source == f"requeue of trial {first.number}" and t.state == "completed"],
+                         what="the re-queued trial completing")[0]
+        assert requeued.parameters == first.parameters
+        r = client.post(f"/api/campaigns/{cid}/trials/{first.number}/approve", headers=as_olga, json={})
+        assert r.status_code == 409 and "not waiting" in r.json()["error"]
+        r = client.post(f"/api/campaigns/{cid}/pause", headers=as_olga, json={})
+        assert r.status_code == 200 and ledger.campaign(run.runtime.campaign_id).paused is True
+    actions = [(c.user, c.action, c.status) for c in reversed(ledger.commands()) if c.via == "api"]
+    assert actions[:5] == [("vera", "approve", "denied"), ("olga", "approve", "applied"),
+                           ("olga", "abandon", "applied"), ("olga", "requeue", "applied"),
+                           ("olga", "approve", "refused")]
