@@ -415,10 +415,11 @@ def _short(v: Any) -> str:
 
 def _trial_cells(t) -> dict[str, str]:  # noqa: ANN001
     p = t.proposal
-    return {"trial": str(t.number), "state": t.state, "instrument": t.instrument or "",
+    state = "waiting" if t.state == "proposed" and t.awaiting else t.state  # for a person's approval
+    return {"trial": str(t.number), "state": state, "instrument": t.instrument or "",
             "planner": p.planner if p else "", "model": (p.model_version or "") if p else "",
             "unseen": _short(p.model_unseen) if p else "", "ood": _short(p.ood_score) if p else "",
-            "reason": t.reason or ""}
+            "reason": t.reason or (t.awaiting or "")}
 
 
 def _status_table(campaign, trials: list, width: int):  # noqa: ANN001, ANN202
@@ -439,8 +440,11 @@ def _status_table(campaign, trials: list, width: int):  # noqa: ANN001, ANN202
     keys = ["trial", "state", *(k for k in ("instrument", "planner") if k not in same),
             *(f"p:{k}" for k in params), *(f"o:{k}" for k in outcomes),
             *(k for k in ("model", "unseen", "ood") if any(c[k] for c in cells))]
+    waiting = sum(1 for t in trials if t.state == "proposed" and t.awaiting)
     title = Text(f"campaign {campaign.name}: {campaign.status}"
                  + (f" ({campaign.stop_reason})" if campaign.stop_reason else "")
+                 + ("; paused by an operator ('labpilot resume DIR')" if campaign.paused else "")
+                 + (f"; {waiting} waiting for approval ('labpilot approve|reject DIR TRIAL')" if waiting else "")
                  + "".join(f"; {k} {v}" for k, v in same.items() if v))
 
     def header(k: str) -> str:

@@ -395,3 +395,34 @@ def test_the_api_steers_a_running_campaign_like_the_command_line(tmp_path, journ
     assert actions[:5] == [("vera", "approve", "denied"), ("olga", "approve", "applied"),
                            ("olga", "abandon", "applied"), ("olga", "requeue", "applied"),
                            ("olga", "approve", "refused")]
+
+
+def test_an_operators_own_point_runs_and_one_outside_the_envelope_is_vetoed(tmp_path, journal, capsys):
+    out = tmp_path / "run"
+    with running(_write(tmp_path, trials=3, approval="{policy: manual}"), out) as run:
+        until(lambda: waiting(out), what="a proposal waiting")
+        assert main(["add", str(out), "x1=8", "x2=1"]) == 2  # x1 <= 5 in the envelope
+        assert "vetoed" in capsys.readouterr().err
+        assert main(["add", str(out), "x1=11", "x2=1"]) == 2  # outside the search space: refused at once
+        assert main(["add", str(out), "x1=2"]) == 2  # every parameter, please
+        assert main(["add", str(out), "x1=2.5", "x2=3", "--reason", "the chemist's hunch"]) == 0
+        mine = until(lambda: [t for t in trials(out).values() if (t.source or "").startswith("added by")
+                              and t.state == "completed"], what="the operator's trial completing")[0]
+        assert mine.parameters == {"x1": 2.5, "x2": 3.0} and mine.proposal.planner == "operator"
+        assert [(e.to_state, e.actor) for e in mine.events][:2] == [("proposed", "operator"), ("approved", "operator")]
+        assert main(["budget", str(out), "--max-trials", "1"]) == 0
+        run.join()
+    assert runs(journal) == [(2.5, 3.0)]  # the vetoed point never reached the instrument
+    vetoed = [t for t in trials(out).values() if t.state == "vetoed"]
+    assert [t.parameters["x1"] for t in vetoed] == [8.0]
+
+
+def test_hold_instrument_keeps_the_station_idle_for_a_waiting_proposal(tmp_path, journal):
+    out = tmp_path / "run"
+    approval = "{policy: rules, rules: ['x2 > 7.5'], hold_instrument: true}"
+    with running(_write(tmp_path, trials=8, approval=approval), out):
+        until(lambda: waiting(out), timeout=40, what="a proposal waiting")
+        ran = len(runs(journal))
+        time.sleep(1.5)
+        assert len(runs(journal)) == ran  # the one station is held for the waiting proposal
+        assert len(waiting(out)) == 1
