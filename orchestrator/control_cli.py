@@ -48,7 +48,6 @@ def _refuse(message: str) -> int:
 def _submit(args: argparse.Namespace, action: str, trial: int | None = None,
             cargs: dict[str, Any] | None = None, reason: str = "", control: Any = None) -> int:
     """Submit one command, wait for the running campaign to carry it out, and say what came of it."""
-    from orchestrator.cli import console
     from orchestrator.control import ControlError
 
     try:
@@ -58,6 +57,14 @@ def _submit(args: argparse.Namespace, action: str, trial: int | None = None,
     except (ControlError, LookupError, FileNotFoundError) as exc:
         return _refuse(str(exc))
     what = f"{action}" + (f" trial {trial}" if trial is not None else "")
+    return _say(args, control, command, live, what)
+
+
+def _say(args: argparse.Namespace, control: Any, command: Any, live: bool, what: str) -> int:
+    """What came of a submitted command: queued (the campaign is not running), carried out, or
+    refused by the running campaign (exit 2)."""
+    from orchestrator.cli import console
+
     if not live:
         console.print(Text(f"queued: {what} (command {command.id}); campaign {control.campaign.name!r} is not "
                            "running, so it applies when the campaign resumes ('labpilot run FILE')"))
@@ -162,22 +169,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         command = control.import_rows(_actor(), frame, args.file)
     except ControlError as exc:
         return _refuse(str(exc))
-    return _finish_import(args, control, command, live)
-
-
-def _finish_import(args: argparse.Namespace, control: Any, command: Any, live: bool) -> int:
-    from orchestrator.cli import console
-
-    rows = len(command.args.get("rows", []))
-    if not live:
-        console.print(Text(f"queued: import of {rows} rows (command {command.id}); it applies when the campaign "
-                           "resumes ('labpilot run FILE')"))
-        return EXIT_OK
-    done = control.wait(command, timeout=args.wait)
-    if done.status == "refused":
-        return _refuse(f"import: {done.outcome}")
-    console.print(Text(done.outcome if done.status == "applied" else f"queued: import of {rows} rows"))
-    return EXIT_OK
+    return _say(args, control, command, live, f"import of {len(command.args.get('rows', []))} rows")
 
 
 def add_parsers(sub: Any, campaign_options: Any) -> None:
