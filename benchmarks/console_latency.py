@@ -242,20 +242,53 @@ class Clients:
         self.thread.join(30)
 
 
-def clients_overhead(tmp: Path, pairs: int, trials: int, latency: float, n_clients: int) -> dict:
+class ClientProcess:
+    """The same clients in a child process of their own (as real clients are: browsers and scripts
+    elsewhere), so that their reading does not take this process's GIL from the loop measured."""
+
+    def __init__(self, url: str, n: int) -> None:
+        self.url, self.n = url, n
+
+    def __enter__(self) -> ClientProcess:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-clients", self.url, str(self.n)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "connected":
+            raise SystemExit(f"the websocket clients did not connect: {line!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self.proc.communicate("stop\n", timeout=60)
+        got = json.loads(out.strip().splitlines()[-1])
+        self.messages, self.errors = got["messages"], got["errors"]
+
+
+def serve_clients(url: str, n: int) -> None:
+    """Child process: connect ``n`` clients, print "connected", read until stdin says stop."""
+    with Clients(url, n) as cl:
+        print("connected", flush=True)
+        sys.stdin.readline()
+        time.sleep(0.5)
+    print(json.dumps({"messages": cl.messages, "errors": cl.errors[:3]}), flush=True)
+
+
+def clients_overhead(tmp: Path, pairs: int, trials: int, latency: float, n_clients: int,
+                     where: str = "process") -> dict:
     from orchestrator.console import create_app, serve_in_thread
 
     runs = []
     for i in range(2 * pairs):
         clients = n_clients if i % 2 else 0
-        camp = Campaign(tmp, f"clients-{i}", trials, latency, seed=1)
+        camp = Campaign(tmp, f"clients-{where}-{i}", trials, latency, seed=1)
         led = camp.runtime.ledger
         app = create_app([led], led, auth_required=False, live_source="listeners", wait_seconds=3.0, poll_every=0.5)
         server = serve_in_thread(app, "127.0.0.1", 0)
         try:
             ws_url = server.url.replace("http://", "ws://") + f"/api/campaigns/0-{camp.runtime.campaign_id}/live"
             if clients:
-                with Clients(ws_url, clients) as cl:
+                with (ClientProcess if where == "process" else Clients)(ws_url, clients) as cl:
                     camp.start()
                     camp.join()
                     time.sleep(0.5)
@@ -275,7 +308,7 @@ def clients_overhead(tmp: Path, pairs: int, trials: int, latency: float, n_clien
                            "overhead_median_ms": statistics.median(r["overhead_median_ms"] for r in mine),
                            "overhead_per_trial_ms": statistics.median(r["overhead_per_trial_ms"] for r in mine)}
     base, loaded = summary["0"], summary[str(n_clients)]
-    return {"clients": n_clients, "summary": summary,
+    return {"clients": n_clients, "clients_run_in": where, "summary": summary,
             "ratio_overhead_median": loaded["overhead_median_ms"] / base["overhead_median_ms"],
             "ratio_overhead_per_trial": loaded["overhead_per_trial_ms"] / base["overhead_per_trial_ms"],
             "runs": runs}
@@ -319,7 +352,7 @@ def control_latency(tmp: Path, cycles: int, latency: float) -> dict:
             samples.append({"applied_ms": round(1000 * a, 1), "last_start_ms": round(1000 * last, 1)})
             n_before = len(starts())
             row = control.wait(control.submit("resume", who, reason="benchmark"), timeout=10, poll=0.01)
-            until(lambda: len(starts()) > n_before)
+            until(lambda n=n_before: len(starts()) > n)
     finally:
         control.submit("stop", who, reason="end of benchmark")
         camp.join()
@@ -332,7 +365,6 @@ def control_latency(tmp: Path, cycles: int, latency: float) -> dict:
 
 def write_md(result: dict, path: Path) -> None:
     a = result["result_to_page"]
-    b = result["websocket_clients"]
     c = result["control"]
     lines = ["# Console latency", "", f"`{result['command']}` on {result['machine']} ({result['wall_seconds']:.0f} s).",
              "", "| measure | n | median ms | p95 ms | target |", "|---|---|---|---|---|"]
@@ -346,11 +378,18 @@ def write_md(result: dict, path: Path) -> None:
               f"{c['submit_to_applied']['p95_ms']} | |",
               f"| pause: submit to last trial start | {c['submit_to_last_trial_start']['n']} | "
               f"{c['submit_to_last_trial_start']['median_ms']} | {c['submit_to_last_trial_start']['p95_ms']} | |",
-              "", "| websocket clients | runs | overhead median ms | overhead per trial ms |", "|---|---|---|---|"]
-    for n, s in b["summary"].items():
-        lines.append(f"| {n} | {s['runs']} | {s['overhead_median_ms']:.3f} | {s['overhead_per_trial_ms']:.3f} |")
-    lines += ["", f"Ratio {b['clients']} clients / none: median {b['ratio_overhead_median']:.3f}, per trial "
-              f"{b['ratio_overhead_per_trial']:.3f} (target < 1.10).", ""]
+              ""]
+    for key, label in (("websocket_clients", "clients in a child process"),
+                       ("websocket_clients_in_process", "clients in a thread of the campaign's process")):
+        b = result.get(key)
+        if not b:
+            continue
+        lines += [f"Orchestration overhead, {label}:", "",
+                  "| websocket clients | runs | overhead median ms | overhead per trial ms |", "|---|---|---|---|"]
+        for n, st in b["summary"].items():
+            lines.append(f"| {n} | {st['runs']} | {st['overhead_median_ms']:.3f} | {st['overhead_per_trial_ms']:.3f} |")
+        lines += ["", f"Ratio {b['clients']} clients / none: median {b['ratio_overhead_median']:.3f}, per trial "
+                  f"{b['ratio_overhead_per_trial']:.3f} (target < 1.10).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -361,8 +400,12 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="(none, 50 clients) runs, interleaved")
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--cycles", type=int, default=12)
+    ap.add_argument("--serve-clients", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "console_latency.json")
     args = ap.parse_args()
+    if args.serve_clients:
+        serve_clients(args.serve_clients[0], int(args.serve_clients[1]))
+        return
     t_all = time.monotonic()
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -399,6 +442,11 @@ def main() -> None:
                                                            args.clients)
             print("  ratio", result["websocket_clients"]["ratio_overhead_median"],
                   result["websocket_clients"]["ratio_overhead_per_trial"], flush=True)
+            print(f"b'. the same, the {args.clients} clients in a thread of this process", flush=True)
+            result["websocket_clients_in_process"] = clients_overhead(
+                tmp, max(2, args.pairs - 1), args.trials, args.page_latency, args.clients, where="thread")
+            print("  ratio", result["websocket_clients_in_process"]["ratio_overhead_median"],
+                  result["websocket_clients_in_process"]["ratio_overhead_per_trial"], flush=True)
             print("c. control", flush=True)
             result["control"] = control_latency(tmp, args.cycles, args.page_latency)
             print("  ", {k: v for k, v in result["control"].items() if k != "samples"}, flush=True)
