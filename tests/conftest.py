@@ -51,3 +51,25 @@ def write_campaign(tmp_path):
         return p
 
     return _write
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Debian chromium for every browser test of the run (Playwright's sync API
+    allows one per thread). ``make test`` installs chromium when it is missing."""
+    import shutil
+
+    if not Path(CHROMIUM).is_file() and shutil.which("chromium") is None:
+        pytest.fail(f"no chromium at {CHROMIUM}: the browser tests need it; 'make test' installs it "
+                    "(apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

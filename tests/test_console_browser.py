@@ -4,32 +4,12 @@ and cannot POST with their cookie. (A browser test of a *running* campaign comes
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from orchestrator.console import create_app, serve_in_thread
 from orchestrator.ledger import Ledger
 from planners.base import Proposal
 from tests.console_factories import PASSWORDS, RunningCampaign, add_users, build_campaign
-
-CHROMIUM = "/usr/bin/chromium"
-LAUNCH_ARGS = ["--disable-gpu", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).is_file() and shutil.which("chromium") is None:
-        pytest.fail(f"no chromium at {CHROMIUM}: the browser tests need it; 'make test' installs it "
-                    "(apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

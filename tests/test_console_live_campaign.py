@@ -19,7 +19,6 @@ from orchestrator.console import create_app, serve_in_thread
 from orchestrator.console.auth import hash_password
 from orchestrator.control import Actor, Control
 from orchestrator.ledger import Ledger, sqlite_url
-from tests.test_console_browser import browser  # noqa: F401 - the session's chromium
 from tests.test_control import Running, _write, runs, until, waiting
 
 pytestmark = pytest.mark.usefixtures("prefect_api_url")

@@ -569,7 +569,7 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
         async def pump() -> None:
             await websocket.send_json({"topic": "hello", "body": {"campaign": camp.key}})
             while True:
-                await websocket.send_json(await client.next())
+                await websocket.send_text(await client.next())
 
         sender = asyncio.create_task(pump())
         try:

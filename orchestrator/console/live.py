@@ -19,6 +19,7 @@ sent ``{"topic": "refresh"}`` (refetch everything), and never slows the campaign
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -47,12 +48,15 @@ QUEUE_SIZE = 256
 
 @dataclass(eq=False)
 class Client:
+    """One websocket's queue of messages, each already encoded as JSON text (encoded once per
+    message, not once per client)."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     overflowed: bool = False
     dropped: int = 0
 
-    def put(self, msg: dict[str, Any]) -> None:
+    def put(self, text: str) -> None:
         """Called on the client's loop: enqueue, dropping the oldest when full."""
         if self.queue.full():
             try:
@@ -61,15 +65,23 @@ class Client:
                 pass
             self.overflowed = True
             self.dropped += 1
-        self.queue.put_nowait(msg)
+        self.queue.put_nowait(text)
 
-    async def next(self) -> dict[str, Any]:
-        msg = await self.queue.get()
+    async def next(self) -> str:
+        """The next frame to send: one message, or every message queued meanwhile as one
+        ``{"topic": "batch", "items": [...]}`` frame (a burst costs one frame, not one per message)."""
+        texts = [await self.queue.get()]
+        while not self.queue.empty() and len(texts) < QUEUE_SIZE:
+            texts.append(self.queue.get_nowait())
         if self.overflowed:
             self.overflowed = False
-            return {"topic": "refresh", "body": {"reason": "you fell behind; refetch everything"},
-                    "then": msg}
-        return msg
+            texts.insert(0, json.dumps({"topic": "refresh", "body": {"reason": "you fell behind; refetch everything"}}))
+        return texts[0] if len(texts) == 1 else '{"topic": "batch", "items": [' + ", ".join(texts) + "]}"
+
+
+def _fan_out(clients: list[Client], text: str) -> None:
+    for c in clients:
+        c.put(text)
 
 
 def ledger_signature(ledger: Ledger, campaign_id: int) -> dict[str, Any]:
@@ -123,14 +135,23 @@ class Feed:
                 self._stop.set()
 
     def publish(self, msg: dict[str, Any]) -> None:
-        """From any thread: hand ``msg`` to every client's loop (never blocks)."""
+        """From any thread: hand ``msg`` to every client's loop (never blocks). Encoded once, and
+        one wake-up per event loop (all of a console's clients share one), not one per client:
+        in ``labpilot run --console`` this runs on the campaign's own thread."""
         with self._lock:
             clients = list(self.clients)
+        if not clients:
+            return
+        text = json.dumps(msg, default=str)
+        by_loop: dict[asyncio.AbstractEventLoop, list[Client]] = {}
         for c in clients:
+            by_loop.setdefault(c.loop, []).append(c)
+        for loop, group in by_loop.items():
             try:
-                c.loop.call_soon_threadsafe(c.put, msg)
-            except RuntimeError:  # that client's loop has closed
-                self.remove(c)
+                loop.call_soon_threadsafe(_fan_out, group, text)
+            except RuntimeError:  # that loop has closed
+                for c in group:
+                    self.remove(c)
 
     def stop(self) -> None:
         self._stop.set()
@@ -238,7 +259,7 @@ class LiveHub:
                 return
             f = self.feeds.get(key_of(int(cid)))
             if f is not None and f.clients:
-                f.publish({"topic": topic, "body": _plain(body), "via": "ledger"})
+                f.publish({"topic": topic, "body": body, "via": "ledger"})
 
         return on_change
 

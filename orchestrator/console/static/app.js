@@ -301,8 +301,10 @@ function openLive(cid) {
   ws.onopen = () => { $("live-indicator").textContent = "live"; $("live-indicator").className = "on"; };
   ws.onmessage = (ev) => {
     let m; try { m = JSON.parse(ev.data); } catch (e) { return; }
-    if (m.topic === "ledger") schedule((m.body.changed || []).flatMap((k) => LEDGER_PARTS[k] || []));
-    else if (TOPIC_PARTS[m.topic]) schedule(TOPIC_PARTS[m.topic]);
+    for (const one of (m.topic === "batch" ? m.items : [m])) {  // a burst arrives as one frame
+      if (one.topic === "ledger") schedule((one.body.changed || []).flatMap((k) => LEDGER_PARTS[k] || []));
+      else if (TOPIC_PARTS[one.topic]) schedule(TOPIC_PARTS[one.topic]);
+    }
   };
   ws.onclose = () => {
     $("live-indicator").textContent = "offline"; $("live-indicator").className = "off";
