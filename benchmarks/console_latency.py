@@ -266,7 +266,10 @@ class ClientProcess:
 
 
 def serve_clients(url: str, n: int) -> None:
-    """Child process: connect ``n`` clients, print "connected", read until stdin says stop."""
+    """Child process: connect ``n`` clients, print "connected", read until stdin says stop. At the
+    lowest CPU priority: real clients are browsers on other machines, and on a 2-core benchmark
+    host their reading must not take the cores from the campaign being measured."""
+    os.nice(19)
     with Clients(url, n) as cl:
         print("connected", flush=True)
         sys.stdin.readline()
@@ -274,17 +277,52 @@ def serve_clients(url: str, n: int) -> None:
     print(json.dumps({"messages": cl.messages, "errors": cl.errors[:3]}), flush=True)
 
 
+class ConsoleProcess:
+    """`labpilot console DIR` in a process of its own, following the campaign's stream."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "console", str(directory),
+                                      "--port", str(self.port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/api/campaigns", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise SystemExit(f"labpilot console did not start: {self.proc.stderr.read()[-500:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def clients_overhead(tmp: Path, pairs: int, trials: int, latency: float, n_clients: int,
-                     where: str = "process") -> dict:
+                     where: str = "process", console: str = "in-process") -> dict:
     from orchestrator.console import create_app, serve_in_thread
 
     runs = []
     for i in range(2 * pairs):
         clients = n_clients if i % 2 else 0
-        camp = Campaign(tmp, f"clients-{where}-{i}", trials, latency, seed=1)
+        camp = Campaign(tmp, f"clients-{where}-{console}-{i}", trials, latency, seed=1)
         led = camp.runtime.ledger
-        app = create_app([led], led, auth_required=False, live_source="listeners", wait_seconds=3.0, poll_every=0.5)
-        server = serve_in_thread(app, "127.0.0.1", 0)
+        if console == "process":
+            server = ConsoleProcess(camp.out)
+        else:
+            app = create_app([led], led, auth_required=False, live_source="listeners", wait_seconds=3.0,
+                             poll_every=0.5)
+            server = serve_in_thread(app, "127.0.0.1", 0)
         try:
             ws_url = server.url.replace("http://", "ws://") + f"/api/campaigns/0-{camp.runtime.campaign_id}/live"
             if clients:
@@ -308,7 +346,7 @@ def clients_overhead(tmp: Path, pairs: int, trials: int, latency: float, n_clien
                            "overhead_median_ms": statistics.median(r["overhead_median_ms"] for r in mine),
                            "overhead_per_trial_ms": statistics.median(r["overhead_per_trial_ms"] for r in mine)}
     base, loaded = summary["0"], summary[str(n_clients)]
-    return {"clients": n_clients, "clients_run_in": where, "summary": summary,
+    return {"clients": n_clients, "clients_run_in": where, "console": console, "summary": summary,
             "ratio_overhead_median": loaded["overhead_median_ms"] / base["overhead_median_ms"],
             "ratio_overhead_per_trial": loaded["overhead_per_trial_ms"] / base["overhead_per_trial_ms"],
             "runs": runs}
@@ -364,8 +402,8 @@ def control_latency(tmp: Path, cycles: int, latency: float) -> dict:
 
 
 def write_md(result: dict, path: Path) -> None:
-    a = result["result_to_page"]
-    c = result["control"]
+    a = result.get("result_to_page", [])
+    c = result.get("control")
     lines = ["# Console latency", "", f"`{result['command']}` on {result['machine']} ({result['wall_seconds']:.0f} s).",
              "", "| measure | n | median ms | p95 ms | target |", "|---|---|---|---|---|"]
     for r in a:
@@ -374,12 +412,15 @@ def write_md(result: dict, path: Path) -> None:
                          f"{r['p95_ms']} | p95 < 1000 |")
         else:
             lines.append(f"| result to page, live_source={r['live_source']} | 0 | - | - | {r.get('error', '')} |")
-    lines += [f"| pause: submit to applied_at | {c['submit_to_applied']['n']} | {c['submit_to_applied']['median_ms']} | "
+    lines += [] if c is None else [f"| pause: submit to applied_at | {c['submit_to_applied']['n']} | {c['submit_to_applied']['median_ms']} | "
               f"{c['submit_to_applied']['p95_ms']} | |",
               f"| pause: submit to last trial start | {c['submit_to_last_trial_start']['n']} | "
               f"{c['submit_to_last_trial_start']['median_ms']} | {c['submit_to_last_trial_start']['p95_ms']} | |",
               ""]
-    for key, label in (("websocket_clients", "clients in a child process"),
+    for key, label in (("websocket_clients", "console in the campaign's process (run --console), clients in a "
+                                             "child process"),
+                       ("websocket_clients_console_process", "console as its own process (labpilot console DIR, "
+                                                             "following the stream), clients in a child process"),
                        ("websocket_clients_in_process", "clients in a thread of the campaign's process")):
         b = result.get(key)
         if not b:
@@ -401,6 +442,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--cycles", type=int, default=12)
     ap.add_argument("--serve-clients", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("page", "clients", "control"), action="append",
+                    help="run only these parts (repeatable; default all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "console_latency.json")
     args = ap.parse_args()
     if args.serve_clients:
@@ -423,33 +466,34 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            print("a. result to page", flush=True)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-                result["result_to_page"] = []
-                for source in ("listeners", "stream"):
-                    t0 = time.monotonic()
-                    try:
-                        r = page_latency(browser, tmp, source, args.trials, args.page_latency)
-                    except Exception as exc:  # noqa: BLE001 - reported
-                        r = {"live_source": source, "error": f"{type(exc).__name__}: {exc}"}
-                    r["seconds"] = round(time.monotonic() - t0, 1)
-                    result["result_to_page"].append(r)
-                    print("  ", {k: v for k, v in r.items() if k != "per_trial_ms"}, flush=True)
-                browser.close()
-            print(f"b. {args.clients} websocket clients", flush=True)
-            result["websocket_clients"] = clients_overhead(tmp, args.pairs, args.trials, args.page_latency,
-                                                           args.clients)
-            print("  ratio", result["websocket_clients"]["ratio_overhead_median"],
-                  result["websocket_clients"]["ratio_overhead_per_trial"], flush=True)
-            print(f"b'. the same, the {args.clients} clients in a thread of this process", flush=True)
-            result["websocket_clients_in_process"] = clients_overhead(
-                tmp, max(2, args.pairs - 1), args.trials, args.page_latency, args.clients, where="thread")
-            print("  ratio", result["websocket_clients_in_process"]["ratio_overhead_median"],
-                  result["websocket_clients_in_process"]["ratio_overhead_per_trial"], flush=True)
-            print("c. control", flush=True)
-            result["control"] = control_latency(tmp, args.cycles, args.page_latency)
-            print("  ", {k: v for k, v in result["control"].items() if k != "samples"}, flush=True)
+            parts = set(args.only or ("page", "clients", "control"))
+            if "page" in parts:
+                print("a. result to page", flush=True)
+                with sync_playwright() as p:
+                    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+                    result["result_to_page"] = []
+                    for source in ("listeners", "stream"):
+                        t0 = time.monotonic()
+                        try:
+                            r = page_latency(browser, tmp, source, args.trials, args.page_latency)
+                        except Exception as exc:  # noqa: BLE001 - reported
+                            r = {"live_source": source, "error": f"{type(exc).__name__}: {exc}"}
+                        r["seconds"] = round(time.monotonic() - t0, 1)
+                        result["result_to_page"].append(r)
+                        print("  ", {k: v for k, v in r.items() if k != "per_trial_ms"}, flush=True)
+                    browser.close()
+            if "clients" in parts:
+                for key, console in (("websocket_clients", "in-process"),
+                                     ("websocket_clients_console_process", "process")):
+                    print(f"b. {args.clients} websocket clients (child process), console {console}", flush=True)
+                    result[key] = clients_overhead(tmp, args.pairs, args.trials, args.page_latency, args.clients,
+                                                   console=console)
+                    print("  ratio", result[key]["ratio_overhead_median"], result[key]["ratio_overhead_per_trial"],
+                          flush=True)
+            if "control" in parts:
+                print("c. control", flush=True)
+                result["control"] = control_latency(tmp, args.cycles, args.page_latency)
+                print("  ", {k: v for k, v in result["control"].items() if k != "samples"}, flush=True)
     finally:
         server.stop()
     result["wall_seconds"] = round(time.monotonic() - t_all, 1)

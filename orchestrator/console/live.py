@@ -44,6 +44,10 @@ log = logging.getLogger("labpilot.console")
 
 STREAM_TOPICS = ("trial", "proposal", "veto", "model", "command")
 QUEUE_SIZE = 256
+#: how long a client's sender waits after a message for the rest of its burst (a trial's end is a
+#: state change, a result, a proposal, ...): fewer frames for many clients, well inside the 1 s a
+#: result may take to reach the page
+COALESCE_SECONDS = 0.1
 
 
 @dataclass(eq=False)
@@ -71,6 +75,7 @@ class Client:
         """The next frame to send: one message, or every message queued meanwhile as one
         ``{"topic": "batch", "items": [...]}`` frame (a burst costs one frame, not one per message)."""
         texts = [await self.queue.get()]
+        await asyncio.sleep(COALESCE_SECONDS)  # what a trial's end brings comes in a burst: one frame
         while not self.queue.empty() and len(texts) < QUEUE_SIZE:
             texts.append(self.queue.get_nowait())
         if self.overflowed:
