@@ -14,6 +14,8 @@ and for the measurement:
 - ``{prefix}OUTCOME``  one result PV per outcome (with units), plus noise and drift
 - ``{prefix}COUNT``    advances after each measurement (a fresh result, not a stale one)
 - ``{prefix}ERROR``    why the last acquisition failed ('' when it did not)
+- ``{prefix}FAULT_COUNT``  how many moves or acquisitions the fault hits before it clears
+  itself (0: until FAULT is written again)
 - ``{prefix}FAULT``    ``none``, ``hang_move`` (moves never finish), ``nan`` (NaN results),
   ``acquire_error`` (the acquisition fails), ``disconnect`` (the IOC stops answering for
   ``{prefix}FAULT_SECONDS`` seconds)
@@ -118,12 +120,15 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
     attrs["busy"] = pvproperty(value=0, name="BUSY", read_only=True, doc="1 while acquiring")
     attrs["error"] = pvproperty(value="", name="ERROR", dtype=ChannelType.STRING, read_only=True)
     attrs["fault"] = pvproperty(value="none", name="FAULT", dtype=ChannelType.ENUM, enum_strings=FAULTS)
+    attrs["fault_count"] = pvproperty(value=0, name="FAULT_COUNT",
+                                      doc="how many moves/acquisitions the fault hits before it clears; 0: until changed")
     attrs["fault_seconds"] = pvproperty(value=3.0, name="FAULT_SECONDS", doc="seconds a 'disconnect' lasts")
     attrs["acquire"] = pvproperty(value=0, name="ACQUIRE", doc="put 1 to measure").putter(
         _hook("_acquire", None, int))
 
     async def fault_putter(group, instance, value):
         if value == "disconnect":
+            await group.fault.write("none")  # written before the freeze, so it is not stuck on
             group._disconnect(float(group.fault_seconds.value))
             return "none"
         return value
@@ -131,13 +136,29 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
     attrs["fault"] = attrs["fault"].putter(fault_putter)
 
     class Base(PVGroup):
+        _generation: dict[str, int] = {}
+
+        async def _fault(self, name: str) -> bool:
+            """Whether fault ``name`` hits now; it clears after ``FAULT_COUNT`` hits (when set)."""
+            if self.fault.value != name:
+                return False
+            left = int(self.fault_count.value)
+            if left > 0:
+                await self.fault_count.write(left - 1)
+                if left == 1:
+                    await self.fault.write("none")
+            return True
+
         async def _move(self, a: str, target: float) -> float:
             rbv, moving = getattr(self, f"{a}_rbv"), getattr(self, f"{a}_moving")
+            generation = self._generation[a] = self._generation.get(a, 0) + 1
             await moving.write(1)
             try:
-                while self.fault.value == "hang_move":
-                    await asyncio.sleep(STEP_S)  # a stuck motor: never arrives while the fault lasts
-                while True:
+                if await self._fault("hang_move"):
+                    while self._generation[a] == generation:
+                        await asyncio.sleep(STEP_S)  # a stuck motor: never arrives, until moved again
+                    return target
+                while self._generation[a] == generation:  # a newer move takes over
                     current = float(rbv.value)
                     step = max(speed, 1e-9) * STEP_S
                     if abs(target - current) <= step:
@@ -146,7 +167,8 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
                     await rbv.write(current + math.copysign(step, target - current))
                     await asyncio.sleep(STEP_S)
             finally:
-                await moving.write(0)
+                if self._generation[a] == generation:
+                    await moving.write(0)
             return target
 
         async def _set_choice(self, a: str, value: str) -> str:
@@ -162,13 +184,13 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
                 point = {p.name: float(getattr(self, f"{_attr(p.name)}_rbv").value) for p in numeric}
                 point.update({p.name: getattr(self, f"{_attr(p.name)}_rbv").value for p in categorical})
                 fault = self.fault.value
-                if fault == "acquire_error":
+                if await self._fault("acquire_error"):
                     await self.error.write("simulated acquisition fault")
                     for o in problem.outcomes:
                         await getattr(self, f"r_{_attr(o)}").write(math.nan)
                     raise RuntimeError("simulated acquisition fault")
                 n = int(self.count.value)
-                if fault == "nan":
+                if await self._fault("nan"):
                     values = {o: math.nan for o in problem.outcomes}
                 else:
                     exact = await asyncio.get_running_loop().run_in_executor(None, problem.evaluate, point)
