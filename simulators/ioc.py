@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import signal
@@ -227,9 +228,18 @@ def serve(problem_name: str, prefix: str = "sim:", port: int | None = None, **op
     problem = load_problem(problem_name)
     problem.evaluate({p.name: p.lower for p in problem.parameters})  # import the physics before serving
     group = make_group(problem, **options)(prefix=prefix)
+    logging.getLogger("caproto.ctx").addFilter(_no_refused_beacons)
     print(f"serving {problem.name} as {prefix}* on 127.0.0.1:{os.environ.get('EPICS_CA_SERVER_PORT', 5064)}",
           flush=True)
     run(group.pvdb, interfaces=["127.0.0.1"], log_pv_names=False)
+
+
+def _no_refused_beacons(record: logging.LogRecord) -> bool:
+    """Drop caproto's trace for a beacon refused on loopback (no CA repeater listening there)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    refused = isinstance(exc, ConnectionRefusedError) or isinstance(getattr(exc, "__cause__", None),
+                                                                     ConnectionRefusedError)
+    return not (refused and str(record.msg).startswith("Failed to send beacon"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
