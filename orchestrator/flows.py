@@ -177,7 +177,9 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[An
         return make_manual_device(name.replace("-", "_"), list(parameters), list(inst.outcomes or [])), \
             list(inst.outcomes or [])
     if inst.epics is not None:
-        from instruments.epics import make_epics_device  # sets the loopback EPICS env before pyepics
+        from instruments.epics import (
+            make_epics_device,  # sets the loopback EPICS env before pyepics
+        )
 
         return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters)), list(inst.outcomes or [])
     if inst.device:

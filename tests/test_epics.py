@@ -151,9 +151,9 @@ def test_nan_readings_fail_the_trial_with_a_reason(tmp_path, ioc, caput):
 
 
 def test_an_acquisition_the_ioc_refuses_fails_with_its_error_pv(ioc, caput):
-    from orchestrator.spec import EpicsSpec
     from instruments import Instrument, InstrumentRunner, MeasurementError
     from instruments.epics import make_epics_device
+    from orchestrator.spec import EpicsSpec
 
     spec = EpicsSpec.model_validate({"prefix": "lt:", "parameters": {"x1": "x1", "x2": "x2"},
                                      "trigger": {"pv": "ACQUIRE", "error": "ERROR"},
