@@ -169,6 +169,46 @@ def test_an_acquisition_the_ioc_refuses_fails_with_its_error_pv(ioc, caput):
     assert "lt:ERROR says 'simulated acquisition fault'" in str(err.value)
 
 
+def _runner(block: dict, timeout: float = 10):
+    from instruments import Instrument, InstrumentRunner
+    from instruments.epics import make_epics_device
+    from orchestrator.spec import EpicsSpec
+
+    device = make_epics_device("ioc", EpicsSpec.model_validate(block))
+    return InstrumentRunner(Instrument(name="ioc", device=device, outcomes=["y"], timeout=timeout))
+
+
+def test_a_done_pv_and_a_busy_trigger(ioc, caput):
+    runner = _runner({"prefix": "lt:", "parameters": {
+        "x1": {"setpoint": "x1", "done": "x1:MOVING", "done_value": 0},
+        "x2": {"setpoint": "x2", "readback": "x2:RBV", "tolerance": 1e-6, "settle_time": 0.05}},
+        "trigger": {"pv": "ACQUIRE", "busy": "BUSY"}, "results": {"y": "y"}, "counter": "COUNT", "timeout": 2})
+    for x1, x2 in [(4.0, 5.0), (-2.0, 11.0)]:
+        obs, docs = runner.run({"x1": x1, "x2": x2}, {})
+        last = ioc.acquisitions()[-1]
+        assert last["point"] == {"x1": x1, "x2": x2} and obs.values["y"] == last["values"]["y"]
+        units = [d["data_keys"]["ioc_y"]["units"] for n, d in docs if n == "descriptor"]
+        assert units == ["a.u."]  # the PV's own units
+
+
+def test_an_ioc_that_stops_answering_fails_the_trial_and_the_next_one_works(ioc, caput):
+    runner = _runner({"prefix": "lt:", "parameters": {"x1": "x1", "x2": "x2"}, "trigger": "ACQUIRE",
+                      "results": {"y": "y"}, "counter": "COUNT", "timeout": 1})
+    caput("lt:FAULT_SECONDS", 2.5)
+    import epics
+
+    epics.caput("lt:FAULT", "disconnect")  # no put completion: the IOC freezes as it takes it
+    t0 = time.monotonic()
+    from instruments import InstrumentTimeout
+
+    with pytest.raises(InstrumentTimeout) as err:
+        runner.run({"x1": 6.0, "x2": 1.0}, {})
+    assert "did not finish within 1 s" in str(err.value) and time.monotonic() - t0 < 5
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+    obs, _ = runner.run({"x1": 7.0, "x2": 2.0}, {})
+    assert obs.values["y"] == ioc.acquisitions()[-1]["values"]["y"]
+
+
 def test_a_malformed_epics_block_is_refused_naming_the_field(tmp_path, capsys):
     bad = SIM_EPICS.replace("x2: {setpoint: x2, put_complete: true}",
                             "x2: {setpoint: x2, readback: 'x2:RBV', tolerance: 0.1, put_complete: true}")
