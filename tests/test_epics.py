@@ -259,3 +259,17 @@ def test_a_campaign_drives_epics_base_soft_ioc(tmp_path, soft_ioc):
     for t in rows:
         x1, x2 = float(t.parameters["x1"]), float(t.parameters["x2"])
         assert t.observation.values["y"] == pytest.approx((x1 - 1) ** 2 + (x2 - 2) ** 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("own", [None, "10.0.0.5"])
+def test_the_epics_instrument_sets_the_loopback_env_unless_the_user_did(own):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    if own:
+        env["EPICS_CA_ADDR_LIST"] = own
+    code = ("import os, json; import instruments.epics, epics; "
+            "print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('EPICS_')}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**env, "PYTHONPATH": str(HERE.parent)})
+    assert done.returncode == 0, done.stderr
+    seen = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert {k: seen.get(k) for k in LOOPBACK_ENV} == {**LOOPBACK_ENV, **({"EPICS_CA_ADDR_LIST": own} if own else {})}
