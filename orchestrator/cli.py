@@ -767,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.console.commands import add_parsers as add_console_parsers
 
     add_console_parsers(sub)
+    __import__("simulators.ioc_cli").ioc_cli.add_parsers(sub)
     return parser
 
 

@@ -176,6 +176,11 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[An
 
         return make_manual_device(name.replace("-", "_"), list(parameters), list(inst.outcomes or [])), \
             list(inst.outcomes or [])
+    if inst.epics is not None:
+        # imported here: it sets the loopback EPICS environment before pyepics loads
+        from instruments.epics import make_epics_device
+
+        return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters)), list(inst.outcomes or [])
     if inst.device:
         import importlib
 

@@ -111,20 +111,125 @@ class PlannerSpec(_Spec):
         return v
 
 
+class EpicsParameter(_Spec):
+    """How one parameter is set over EPICS: its ``setpoint`` PV, and how the move is known to be
+    done: a ``readback`` within ``tolerance`` (then ``settle_time``), ``put_complete: true`` (the
+    IOC answers the put when done), or a ``done`` PV reaching ``done_value``."""
+
+    setpoint: str = Field(min_length=1, description="the PV written with the parameter's value")
+    readback: str | None = Field(None, min_length=1, description="the PV that reads where it is")
+    tolerance: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="the move is done when |readback - setpoint| <= tolerance")
+    settle_time: float = Field(0.0, ge=0, allow_inf_nan=False, description="seconds to wait after arriving")
+    put_complete: bool = Field(False, description="the IOC completes the put when the move is done")
+    done: str | None = Field(None, min_length=1, description="a PV that says the move is done")
+    done_value: float | int | str = Field(1, description="the value of 'done' when the move is done")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                  description="seconds this move may take (default: the block's 'timeout')")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"setpoint": v, "put_complete": True} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_way_to_know_done(self) -> EpicsParameter:
+        ways = [w for w, on in (("readback", self.readback), ("put_complete", self.put_complete),
+                                ("done", self.done)) if on]
+        if len(ways) != 1:
+            raise ValueError(
+                "say how a move is known to be done with exactly one of 'readback: PV' (with "
+                "'tolerance'), 'put_complete: true' or 'done: PV' (with 'done_value')"
+                + (f"; got {ways}" if ways else "; got none"))
+        if self.readback and self.tolerance is None:
+            raise ValueError("a 'readback' needs a 'tolerance' (e.g. tolerance: 0.01): how close is arrived")
+        if self.tolerance is not None and not self.readback:
+            raise ValueError("'tolerance' is for a 'readback' PV; add 'readback: PV' or remove 'tolerance'")
+        if "done_value" in self.model_fields_set and not self.done:
+            raise ValueError("'done_value' is for a 'done' PV; add 'done: PV' or remove 'done_value'")
+        return self
+
+
+class EpicsTrigger(_Spec):
+    """The acquisition: ``pv`` written with ``value``; done when the put completes
+    (``put_complete``, the default) or when the ``busy`` PV goes from 1 back to 0."""
+
+    pv: str = Field(min_length=1, description="the acquire PV")
+    value: float | int | str = 1
+    put_complete: bool | None = Field(None, description="wait for the put to complete (default: when "
+                                      "there is no 'busy' PV)")
+    busy: str | None = Field(None, min_length=1, description="a PV that is 1 while acquiring")
+    error: str | None = Field(None, min_length=1, description="a PV that, when not 0 or empty after the "
+                              "acquisition, says why it failed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"pv": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_way(self) -> EpicsTrigger:
+        if self.busy and self.put_complete:
+            raise ValueError("give either 'busy: PV' or 'put_complete: true' for the trigger, not both")
+        if self.put_complete is False and not self.busy:
+            raise ValueError("with 'put_complete: false' the trigger needs 'busy: PV' to know it is done")
+        return self
+
+
+class EpicsResult(_Spec):
+    """One outcome's result PV; ``units`` default to the PV's own (its metadata)."""
+
+    pv: str = Field(min_length=1)
+    units: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"pv": v} if isinstance(v, str) else v
+
+
+class EpicsSpec(_Spec):
+    """A ``kind: epics`` instrument, declared in the file alone (``instruments.epics`` builds it).
+
+    ``prefix`` is put before every PV name that does not already begin with it.
+    """
+
+    prefix: str = ""
+    parameters: dict[str, EpicsParameter] = Field(min_length=1)
+    trigger: EpicsTrigger | None = None
+    results: dict[str, EpicsResult] = Field(min_length=1)
+    counter: str | None = Field(None, min_length=1, description="a PV that advances after each "
+                                "acquisition; the results are read only once it has")
+    timeout: float = Field(10.0, gt=0, allow_inf_nan=False,
+                           description="seconds each move, trigger and read may take")
+    connection_timeout: float = Field(5.0, gt=0, allow_inf_nan=False,
+                                      description="seconds to wait for the PVs to connect")
+
+    def pv(self, name: str) -> str:
+        return name if name.startswith(self.prefix) else self.prefix + name
+
+
+INSTRUMENT_KINDS = ("simulator", "dataset", "ophyd", "epics", "manual")
+_KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "ophyd": "device", "epics": "epics"}
+
+
 class InstrumentSpec(_Spec):
-    """One instrument: a simulator (``simulator`` or ``dataset``) or a real ophyd ``device``.
+    """One instrument: a simulator (``simulator`` or ``dataset``), a real ophyd ``device``, an
+    EPICS instrument declared in the file (``epics``), or a person (``kind: manual``).
 
     ``device`` is an import path ``package.module:factory``; the factory returns an
     ophyd device with one settable signal per parameter and one readable signal
-    per outcome, named as in the campaign.
+    per outcome, named as in the campaign. ``kind`` may be left out: it is the key given.
     """
 
     name: str = Field(pattern=r"^[A-Za-z_][\w-]*$")
-    kind: Literal["manual"] | None = Field(
-        None, description="'manual': a person measures and tells the result (labpilot tell, the console)")
+    kind: Literal["simulator", "dataset", "ophyd", "epics", "manual"] | None = Field(
+        None, description="'simulator', 'dataset', 'ophyd' (a 'device' factory), 'epics' (an 'epics' "
+        "block) or 'manual' (a person measures and tells the result); default: the key given")
     simulator: str | None = None
     dataset: str | None = None
     device: str | None = None
+    epics: EpicsSpec | None = None
     outcomes: list[str] | None = None
     concurrency: int = Field(1, ge=1, le=64, description="identical stations working at once")
     timeout: float = Field(300.0, gt=0, description="seconds one trial may take before it is aborted")
@@ -136,7 +241,7 @@ class InstrumentSpec(_Spec):
 
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:
-        given = [k for k in ("simulator", "dataset", "device") if getattr(self, k)]
+        given = [k for k in ("simulator", "dataset", "device", "epics") if getattr(self, k)]
         if self.kind == "manual":
             if given:
                 raise ValueError(f"a 'kind: manual' instrument is a person: remove {given}")
@@ -146,10 +251,22 @@ class InstrumentSpec(_Spec):
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of 'simulator: branin|hartmann6|branincurrin', "
-                f"'dataset: <folder>' or 'device: package.module:factory' (got {given or 'none'})"
-            )
+                "'dataset: <folder>', 'device: package.module:factory' or an 'epics:' block "
+                f"(got {given or 'none'})")
+        kind = next(k for k, key in _KIND_KEY.items() if key == given[0])
+        if self.kind is not None and self.kind != kind:
+            raise ValueError(f"a 'kind: {self.kind}' instrument takes '{_KIND_KEY[self.kind]}:', "
+                             f"not '{given[0]}:'; write kind: {kind} or give '{_KIND_KEY[self.kind]}:'")
+        self.kind = kind
         if self.device and not self.outcomes:
             raise ValueError("a 'device' instrument must list the 'outcomes' it measures")
+        if self.epics is not None:
+            if self.outcomes is None:
+                self.outcomes = list(self.epics.results)
+            missing = [o for o in self.outcomes if o not in self.epics.results]
+            if missing:
+                raise ValueError(f"outcomes {missing} have no result PV: add them to 'epics.results', "
+                                 f"e.g. results: {{{missing[0]}: {{pv: 'PREFIX:{missing[0]}'}}}}")
         return self
 
 
@@ -649,6 +766,18 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
                                         + (f"has unknown {extra}" if extra else "")))
         elif inst.kind == "manual":
             measured = inst.outcomes or []
+        elif inst.epics is not None:
+            measured = inst.outcomes or []
+            declared = list(inst.epics.parameters)
+            missing = [p for p in known if p not in declared]
+            extra = [p for p in declared if p not in known]
+            if names is not None and None not in names and missing:
+                issues.append(SpecIssue(f"{where}.epics.parameters", f"campaign parameters {missing} have no "
+                                        f"setpoint PV; add e.g. {missing[0]}: {{setpoint: 'PREFIX:{missing[0]}', "
+                                        "put_complete: true}"))
+            if names is not None and None not in names and extra:
+                issues.append(SpecIssue(f"{where}.epics.parameters", f"{extra} are not parameters of the "
+                                        f"campaign (it has {known}); remove them or fix the names"))
         else:
             measured = inst.outcomes or []
             issues += _check_device(f"{where}.device", inst.device or "")
