@@ -323,7 +323,7 @@ class CampaignRuntime:
         from simulators import load_problem
 
         inst = self.spec.instruments[0]
-        if inst.device:
+        if inst.kind not in ("simulator", "dataset"):
             return None
         sim = load_problem(inst.simulator, inst.dataset)
         refs = [sim.optimum.get(f"ref_{o.name}") for o in self.spec.objectives]

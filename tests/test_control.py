@@ -426,3 +426,13 @@ def test_hold_instrument_keeps_the_station_idle_for_a_waiting_proposal(tmp_path,
         time.sleep(1.5)
         assert len(runs(journal)) == ran  # the one station is held for the waiting proposal
         assert len(waiting(out)) == 1
+
+
+def test_the_summary_of_a_campaign_on_hardware_or_a_person_claims_no_known_optimum(tmp_path):
+    """`labpilot run` ended with "ProblemError: give exactly one of 'simulator' or 'dataset'" after
+    the last trial of an epics or manual campaign: it looked for a simulator's known optimum."""
+    from orchestrator.cli import _known_optimum
+
+    assert _known_optimum(load_campaign(_write(tmp_path, instrument=PERSON))) == {}
+    assert _known_optimum(load_campaign(_write(tmp_path, instrument=REACTOR))) == {}
+    assert "y" in _known_optimum(load_campaign(_write(tmp_path, instrument="{name: sim, simulator: branin}")))
