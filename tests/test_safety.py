@@ -32,7 +32,8 @@ SPACE = SearchSpace(
                  LinearConstraint.parse("0.000001*t <= 0.000005")],
 )
 SAFETY = SafetySpec.model_validate({"limits": {"x1": {"min": -4, "max": 5}, "cycles": {"max": 6}},
-                                    "rules": ["x1 - t <= 3"]})
+                                    "rules": ["x1 - t <= 3"], "forbidden": ["x1 + t >= 8"],
+                                    "allowed": {"solvent": ["water", 3]}})
 NAMES = [p.name for p in SPACE.parameters]
 
 
@@ -43,11 +44,11 @@ def legal_by_hand(point: dict) -> bool:
     x1, rate, t, cycles, solvent, a, b = (point[n] for n in NAMES)
     if any(type(v) is not float or not math.isfinite(v) for v in (x1, rate, t, a, b)):
         return False
-    if type(cycles) is not int or solvent not in ("water", "ethanol") and not (type(solvent) is int and solvent == 3):
-        return False
+    if type(cycles) is not int or solvent != "water" and not (type(solvent) is int and solvent == 3):
+        return False  # 'ethanol' is a choice, but not an allowed one
     return (-4 <= x1 <= 5 and 0.01 <= rate <= 10 and 0 <= t <= 10 and 1 <= cycles <= 6 and 0 <= a <= 1
             and 0 <= b <= 1 and x1 + 2 * t <= 12 * (1 + 1e-5) and abs(a + b - 1) <= 1e-5
-            and t <= 5 * (1 + 1e-5) and x1 - t <= 3)
+            and t <= 5 * (1 + 1e-5) and x1 - t <= 3 and not x1 + t >= 8)
 
 
 weird = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.just(" 5 "), st.lists(st.integers(), max_size=2),
@@ -61,7 +62,7 @@ value = {"x1": st.one_of(number, weird), "rate": st.one_of(number, weird), "t": 
          "a": st.one_of(st.floats(0, 1), number), "b": st.one_of(st.floats(0, 1), number)}
 
 
-edge = st.sampled_from([-4.0, 5.0, 5.000000001, -4.000000001, math.nextafter(5.0, 6.0), 0.01, 10.0, 3.0, 0.0,
+edge = st.sampled_from([-4.0, 5.0, 8.0, math.nextafter(3.0, 0.0), 5.000000001, -4.000000001, math.nextafter(5.0, 6.0), 0.01, 10.0, 3.0, 0.0,
                          1.0, -0.0, 6, 1, 7, 2.0])
 
 
@@ -69,10 +70,10 @@ edge = st.sampled_from([-4.0, 5.0, 5.000000001, -4.000000001, math.nextafter(5.0
 def legal(draw) -> dict:
     """A point inside the envelope (floats, as planners send them)."""
     t = draw(st.floats(0, 5))
-    x1 = draw(st.floats(-4, min(5.0, 3.0 + t)))
+    x1 = draw(st.floats(-4, min(5.0, 3.0 + t, 7.999 - t)))
     a = draw(st.floats(0, 1))
     return {"x1": x1, "rate": draw(st.floats(0.01, 10)), "t": t, "cycles": draw(st.integers(1, 6)),
-            "solvent": draw(st.sampled_from(["water", "ethanol", 3])), "a": a, "b": 1.0 - a}
+            "solvent": draw(st.sampled_from(["water", 3])), "a": a, "b": 1.0 - a}
 
 
 @st.composite
