@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestrator.spec import SafetySpec
@@ -149,7 +149,7 @@ def check_dispatch(point: dict[str, Any], station: str, last_point: dict[str, An
         rule = "safety.max_trials_per_hour"
         limit = safety.rate_limit(instrument or station)
         if limit is not None:
-            now = now or datetime.now(timezone.utc)
+            now = now or datetime.now(UTC)
             since = now - HOUR
             starts = sorted(t for t in (_aware(s) for s in recent_starts) if since < t <= now)
             if len(starts) >= limit:
@@ -165,7 +165,7 @@ def check_dispatch(point: dict[str, Any], station: str, last_point: dict[str, An
 
 def _aware(t: datetime) -> datetime:
     """The ledger's times are UTC; SQLite returns them without a zone."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _typed(p: Any, v: Any) -> tuple[Any, str | None]:

@@ -4,15 +4,15 @@ none makes the gate raise; and every dispatch, of an already approved trial too,
 from __future__ import annotations
 
 import math
+from datetime import UTC
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.safety import check_point
-from planners import PLANNERS
 from orchestrator.spec import SafetySpec
+from planners import PLANNERS
 from planners.space import (
     CategoricalParameter,
     FloatParameter,
@@ -176,9 +176,9 @@ def test_an_approved_trial_in_the_ledger_passes_the_gate_again_on_resume(tmp_pat
 
 # ---- the station rules (max_step, max_trials_per_hour): check_dispatch ------------------------
 def _at(seconds_ago: float):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    return datetime(2025, 1, 1, 12, tzinfo=timezone.utc) - timedelta(seconds=seconds_ago)
+    return datetime(2025, 1, 1, 12, tzinfo=UTC) - timedelta(seconds=seconds_ago)
 
 
 STATION_SAFETY = SafetySpec.model_validate({"max_step": {"x1": 2.0}, "max_trials_per_hour": {"reactor": 3}})
@@ -291,14 +291,14 @@ def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(
     station; nothing raises; no trial is left running or unseen."""
     import tempfile
 
+    import yaml
+
     from orchestrator.flows import CampaignRuntime, run_campaign
     from orchestrator.settings import Settings
     from orchestrator.spec import parse_campaign
     from planners.base import Proposal
 
     from .envelope_device import JOURNAL
-
-    import yaml
 
     JOURNAL.clear()
     text = ENVELOPE_CAMPAIGN.format(planner=planner, rhs=rhs, allowed=allowed, step=step, rate=rate)
@@ -323,7 +323,7 @@ def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(
         by_station.setdefault(station, []).append(sent)
     for station, runs in by_station.items():
         assert len(runs) <= rate, (station, runs)  # the campaign runs for seconds: at most one hour's worth
-        for a, b in zip(runs, runs[1:]):
+        for a, b in zip(runs, runs[1:], strict=False):
             assert abs(b["x1"] - a["x1"]) <= step, (station, a, b)
     assert not [t for t in trials if t.state in ("running", "proposed")], [(t.state, t.reason) for t in trials]
     assert all(t.reason for t in trials if t.state == "vetoed")
