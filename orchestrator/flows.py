@@ -29,7 +29,7 @@ from orchestrator.control import Applier
 from orchestrator.learning import CampaignStream, LiveModels
 from orchestrator.ledger import APPROVAL_TIMEOUT, CampaignRefused, Ledger, utcnow
 from orchestrator.report import Best, best_so_far
-from orchestrator.safety import check_point
+from orchestrator.safety import check_dispatch, check_point
 from orchestrator.settings import Settings
 from orchestrator.spec import Budget, CampaignSpec, InstrumentSpec
 from planners import Planner, Proposal, make_planner
@@ -531,6 +531,65 @@ class _Dispatcher:
             self.ledger.transition(trial_id, "approved", "system", reason)
         return point
 
+    def place(self, trial_id: int, point: dict[str, Any]) -> InstrumentRunner | None:
+        """The free station a gated trial starts on (taken from ``free``), checked against the
+        envelope's station rules (``max_step``, ``max_trials_per_hour``: safety.check_dispatch)
+        with what the ledger says ran on each station, so they hold across restarts. Where no free
+        station may take it: if one only waits for the rate rule, the trial goes back to the
+        backlog (a later step or another station takes it); else it is vetoed, naming the rules."""
+        safety = self.spec.safety
+        if not safety.stateful:
+            return self.free.pop(0)
+        if not self.free:
+            self.backlog.append(trial_id)
+            return None
+        last, starts = self._station_history()
+        now, refusals = utcnow(), []
+        for r in self.free:
+            name = r.instrument.name
+            refusal = check_dispatch(point, name, last.get(name), starts.get(name, ()), safety, now,
+                                     self._instrument_of(name))
+            if refusal is None:
+                self.free.remove(r)
+                return r
+            refusals.append(refusal)
+        if any(x.retry_after is not None for x in refusals):
+            self.backlog.append(trial_id)  # it waits, approved: never stuck, never run early
+            return None
+        why = "; ".join(dict.fromkeys(str(x) for x in refusals))
+        self.ledger.transition(trial_id, "vetoed", "system", why)
+        self.rt.observer.trial_changed(self.rt, self.ledger.trial(trial_id).number, "vetoed", why)
+        self.consecutive_vetoes += 1
+        return None
+
+    def _station_history(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
+        """From the ledger: each station's last started trial's parameters and its start times."""
+        last: dict[str, tuple[Any, int, dict[str, Any]]] = {}
+        starts: dict[str, list[Any]] = {}
+        for t in self.ledger.trials(self.cid):
+            if t.started_at is None or not t.instrument:
+                continue
+            starts.setdefault(t.instrument, []).append(t.started_at)
+            key = (t.started_at.replace(tzinfo=None), t.id)
+            if t.instrument not in last or key > last[t.instrument][:2]:
+                last[t.instrument] = (*key, dict(t.parameters))
+        return {k: v[2] for k, v in last.items()}, starts
+
+    def _instrument_of(self, station: str) -> str:
+        """The instrument a station belongs to (``reactor-2`` is a station of ``reactor``)."""
+        names = {i.name for i in self.spec.instruments}
+        return station if station in names else station.rpartition("-")[0]
+
+    def _open_stations(self) -> int:
+        """Free stations the rate rule lets start a trial now."""
+        safety = self.spec.safety
+        if safety.max_trials_per_hour is None:
+            return len(self.free)
+        _, starts = self._station_history()
+        now = utcnow()
+        return sum(check_dispatch({}, r.instrument.name, None, starts.get(r.instrument.name, ()), safety, now,
+                                  self._instrument_of(r.instrument.name)) is None for r in self.free)
+
     def approval_wait(self, trial_id: int, proposal: Proposal) -> bool:
         """Whether a proposal that passed the envelope waits for a person (then it is marked so)."""
         policy = self.spec.approval
@@ -589,15 +648,24 @@ class _Dispatcher:
         when the campaign says ``hold_instrument``)."""
         t_iter = time.perf_counter()
         planner_seconds = 0.0
-        while self.backlog and self.free and room > 0:
-            tid = self.backlog.pop(0)
+        pending, self.backlog = self.backlog, []  # place() may put one back: each is tried once a step
+        for i, tid in enumerate(pending):
+            if not self.free or room <= 0:
+                self.backlog.extend(pending[i:])
+                break
             point = self.gate(tid, "resumed: passed the safety envelope")
-            if point is not None:
-                self.submit(self.free.pop(0), tid, point)
+            runner = self.place(tid, point) if point is not None else None
+            if runner is not None:
+                self.submit(runner, tid, point)
                 room -= 1
         approval = self.spec.approval
         held = len(self.waiting) if approval.hold_instrument else 0
         n = min(len(self.free) - held, room - len(self.waiting))
+        rate_closed = False
+        if self.spec.safety.stateful:  # stations the rate rule keeps closed, and trials waiting for one
+            open_now = self._open_stations()
+            rate_closed = open_now < len(self.free)
+            n = min(open_now - held, n - len(self.backlog))
         if approval.policy != "auto" and len(self.waiting) >= self.max_waiting():
             n = 0  # enough proposals wait for a person; ask for more once they answer
         if n > 0:
@@ -623,12 +691,17 @@ class _Dispatcher:
                     self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
                     self.consecutive_vetoes += 1
                     continue
-                self.consecutive_vetoes = 0
                 if self.approval_wait(tid, p):
+                    self.consecutive_vetoes = 0
                     continue
                 self.ledger.transition(tid, "approved", "system",
                                        f"passed the safety envelope (approval policy: {approval.policy})")
-                self.submit(self.free.pop(0), tid, point)
+                runner = self.place(tid, point)  # None: vetoed by a station rule (counted), or waiting
+                if runner is not None:
+                    self.consecutive_vetoes = 0
+                    self.submit(runner, tid, point)
+        if (rate_closed or self.backlog) and not self.in_flight and self.spec.safety.stateful:
+            time.sleep(POLL_SECONDS)  # the rate rule keeps the stations closed: do not spin on the ledger
         # Orchestration alone: ledger writes, safety gate, task submission (not the planner).
         self.rt.timings["overhead"].append(time.perf_counter() - t_iter - planner_seconds)
 

@@ -16,12 +16,21 @@ never raises: a value it cannot check is a veto.
   allow 1e-6 of the rule's own scale (``|rhs| + sum |a_i x_i|``: what an
   optimiser's constraint solver leaves), so ``0.000001*x2 <= 0.00001`` is as
   strict as ``x2 <= 10`` (an absolute 1e-6 let x2 = 11 through).
-- The envelope's limits and rules are hard: no tolerance at all.
+- The envelope's limits and rules are hard: no tolerance at all. So are its forbidden
+  regions (a point meeting ``x1 + x2 >= 12`` exactly is inside) and its allowed choices.
+
+:func:`check_dispatch` is the gate's second half, for the rules that need the instrument
+station's history (``max_step``, ``max_trials_per_hour``): the dispatcher asks it right
+before a trial is started on a station, with what the ledger says ran there. It never
+raises either: a rule it cannot evaluate refuses, naming the rule.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestrator.spec import SafetySpec
@@ -83,7 +92,80 @@ def _check(parameters: Any, space: SearchSpace, safety: SafetySpec) -> tuple[dic
         lhs, _ = _lhs(rule, point)
         if not _holds(rule, lhs, 0.0):
             return None, f"safety rule broken: {rule} ({lhs:.9g} {rule.op} {rule.rhs:g})"
+    for i, rule in enumerate(safety.forbidden):
+        lhs, _ = _lhs(rule, point)
+        if not math.isfinite(lhs):
+            return None, f"safety.forbidden[{i}]: cannot evaluate forbidden region '{rule}' at this point"
+        if _holds(rule, lhs, 0.0):
+            return None, (f"safety.forbidden[{i}]: the point is inside the forbidden region '{rule}' "
+                          f"({lhs:.9g} {rule.op} {rule.rhs:g})")
+    for name, choices in safety.allowed.items():
+        if name not in point:
+            return None, f"safety.allowed.{name}: {name!r} is not a parameter of this campaign"
+        v = point[name]
+        if not any(type(c) is type(v) and c == v for c in choices):
+            return None, f"safety.allowed.{name}: {name}={v!r} is not among the allowed choices {list(choices)}"
     return point, None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a trial may not start on a station now. ``retry_after`` (seconds) set: it must wait
+    (the rate rule; another station or a later moment may take it); ``None``: never on this
+    station as things stand (``max_step``, or a rule that could not be evaluated)."""
+
+    rule: str
+    reason: str
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+HOUR = timedelta(hours=1)
+
+
+def check_dispatch(point: dict[str, Any], station: str, last_point: dict[str, Any] | None,
+                   recent_starts: Iterable[datetime], safety: SafetySpec, now: datetime | None = None,
+                   instrument: str | None = None) -> Refusal | None:
+    """Whether ``point`` (what :func:`check_point` returned) may start on ``station`` now, given
+    the parameters of the last trial started there (``None``: none yet) and the start times of
+    the trials started there (those in the hour before ``now`` count). ``instrument`` names the
+    station's instrument for a per-instrument ``max_trials_per_hour`` (default: ``station``).
+    ``None`` when it may; never raises (a rule it cannot evaluate refuses, naming it)."""
+    rule = "safety.max_step"
+    try:
+        for name, step in safety.max_step.items():
+            rule = f"safety.max_step.{name}"
+            if last_point is None:
+                break
+            if name not in last_point:
+                continue  # the last trial did not set it (an older campaign file): nothing to compare
+            delta = abs(float(point[name]) - float(last_point[name]))
+            if not delta <= step:  # NaN refuses too
+                return Refusal(rule, f"{rule}: {name} would change by {delta:.6g} on {station} "
+                               f"(from {float(last_point[name]):.6g} to {float(point[name]):.6g}); "
+                               f"at most {step:g} between consecutive trials on one station")
+        rule = "safety.max_trials_per_hour"
+        limit = safety.rate_limit(instrument or station)
+        if limit is not None:
+            now = now or datetime.now(UTC)
+            since = now - HOUR
+            starts = sorted(t for t in (_aware(s) for s in recent_starts) if since < t <= now)
+            if len(starts) >= limit:
+                # the station opens again when the oldest start that keeps it full is an hour old
+                opens = starts[len(starts) - limit] + HOUR
+                wait = max((opens - now).total_seconds(), 0.001)
+                return Refusal(rule, f"{rule}: {station} started {len(starts)} trials in the last hour "
+                               f"(at most {limit}); it may start another in {wait:.0f} s", retry_after=wait)
+    except Exception as exc:  # noqa: BLE001 - the gate's promise: a rule it cannot check refuses
+        return Refusal(rule, f"{rule}: could not check this point on {station} ({type(exc).__name__}: {exc})")
+    return None
+
+
+def _aware(t: datetime) -> datetime:
+    """The ledger's times are UTC; SQLite returns them without a zone."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _typed(p: Any, v: Any) -> tuple[Any, str | None]:

@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -276,10 +276,34 @@ class SafetyLimit(_Spec):
 
 
 class SafetySpec(_Spec):
-    """What the hardware must never do: per-parameter limits and linear rules."""
+    """What the hardware must never do (orchestrator.safety enforces it; check_campaign types it).
+
+    - ``limits``: per-parameter ``{min, max}``; ``rules``: linear inequalities every point must meet.
+    - ``forbidden``: linear inequalities (``"x1 + x2 >= 12"``) no point may meet: a region vetoed.
+    - ``allowed``: for a categorical parameter, the choices that may run (``{solvent: [water]}``).
+    - ``max_step``: the largest change of a numeric parameter between consecutive trials started
+      on one instrument station (``{x1: 2.0}``); the first trial on a station is free.
+    - ``max_trials_per_hour``: trials started per station in any hour: a whole number for every
+      station, or per instrument ``{reactor: 30}`` (each of its stations; unnamed ones unlimited).
+      A trial that would exceed it waits; it is not vetoed.
+    """
 
     limits: dict[str, SafetyLimit] = Field(default_factory=dict)
     rules: list[Constraint] = Field(default_factory=list)
+    forbidden: list[Constraint] = Field(default_factory=list)
+    allowed: dict[str, list[str | int | float]] = Field(default_factory=dict)
+    max_step: dict[str, float] = Field(default_factory=dict)
+    max_trials_per_hour: int | dict[str, int] | None = None
+
+    @property
+    def stateful(self) -> bool:
+        """Rules that need the station's history (orchestrator.safety.check_dispatch)."""
+        return bool(self.max_step) or self.max_trials_per_hour is not None
+
+    def rate_limit(self, instrument: str) -> int | None:
+        """Trials per hour allowed on each station of ``instrument`` (``None``: unlimited)."""
+        r = self.max_trials_per_hour
+        return r.get(instrument) if isinstance(r, dict) else r
 
 
 class ApprovalSpec(_Spec):
@@ -650,13 +674,18 @@ class _Fields:
     instrument_names: list[str | None]
     safety_limits: dict[str, SafetyLimit | None]
     safety_rules: list[LinearConstraint | None]
+    safety_forbidden: list[LinearConstraint | None] = field(default_factory=list)
+    safety_allowed: dict[str, Any] = field(default_factory=dict)
+    safety_max_step: dict[str, Any] = field(default_factory=dict)
+    safety_rate: Any = None
 
     @classmethod
     def of(cls, spec: CampaignSpec) -> _Fields:
         return cls(list(spec.parameters), [p.name for p in spec.parameters], list(spec.constraints),
                    list(spec.objectives), [o.name for o in spec.objectives], list(spec.outcome_constraints),
                    spec.planner, list(spec.instruments), [i.name for i in spec.instruments],
-                   dict(spec.safety.limits), list(spec.safety.rules))
+                   dict(spec.safety.limits), list(spec.safety.rules), list(spec.safety.forbidden),
+                   dict(spec.safety.allowed), dict(spec.safety.max_step), spec.safety.max_trials_per_hour)
 
     @classmethod
     def partial(cls, data: dict[str, Any]) -> _Fields:
@@ -683,6 +712,10 @@ class _Fields:
             instrument_names=names(data.get("instruments")),
             safety_limits={str(k): _valid(SafetyLimit, v) for k, v in limits.items()},
             safety_rules=items(safety.get("rules"), Constraint),
+            safety_forbidden=items(safety.get("forbidden"), Constraint),
+            safety_allowed=safety.get("allowed") if isinstance(safety.get("allowed"), dict) else {},
+            safety_max_step=safety.get("max_step") if isinstance(safety.get("max_step"), dict) else {},
+            safety_rate=safety.get("max_trials_per_hour"),
         )
 
 
@@ -726,6 +759,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
                 issues.append(SpecIssue(f"safety.limits.{n}", f"unknown parameter {n!r}; known: {known}"))
             elif lim is not None and lim.min is not None and lim.max is not None and lim.min > lim.max:
                 issues.append(SpecIssue(f"safety.limits.{n}", f"min {lim.min} is above max {lim.max}; swap them"))
+        issues += _check_envelope(f, known, by_name)
     issues += _check_device_names(f)
     objective_names = f.objective_names
     for i, n in enumerate(objective_names):
@@ -802,6 +836,66 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
     for i, n in enumerate(inst_names):
         if n is not None and n in inst_names[:i]:
             issues.append(SpecIssue(f"instruments[{i}].name", f"instrument name {n!r} is used twice"))
+    return issues
+
+
+def _check_envelope(f: _Fields, known: list[str], by_name: dict[str, Parameter]) -> list[SpecIssue]:
+    """The envelope's newer rules (forbidden, allowed, max_step, max_trials_per_hour), typed
+    against the parameters and instruments they name, each issue saying what to write."""
+    issues: list[SpecIssue] = []
+    for i, c in enumerate(f.safety_forbidden):
+        if c is None:
+            continue
+        where = f"safety.forbidden[{i}]"
+        if c.op == "==":
+            issues.append(SpecIssue(where, "a forbidden region is an inequality ('x1 + x2 >= 12'); '==' forbids "
+                                    "a single value only, write <= or >="))
+        for n in c.coefficients:
+            if n not in known:
+                issues.append(SpecIssue(where, f"names unknown parameter {n!r}; known: {known}"))
+            elif n in by_name and by_name[n].type != "float":
+                issues.append(SpecIssue(where, f"{n!r} is a {by_name[n].type} parameter; a forbidden region is "
+                                        "a linear inequality over float parameters (use 'allowed' for choices)"))
+    for n, choices in f.safety_allowed.items():
+        where = f"safety.allowed.{n}"
+        p = by_name.get(n)
+        if n not in known:
+            issues.append(SpecIssue(where, f"unknown parameter {n!r}; known: {known}"))
+        elif p is None:
+            continue  # the parameter's own problem is reported
+        elif p.type != "categorical":
+            issues.append(SpecIssue(where, f"{n!r} is a {p.type} parameter; 'allowed' limits categorical "
+                                    f"parameters, write safety.limits.{n}: {{min: .., max: ..}} instead"))
+        elif not isinstance(choices, list) or not choices:
+            issues.append(SpecIssue(where, f"write a non-empty list of {n!r}'s choices that may run, "
+                                    f"e.g. {p.choices[:1]}"))
+        else:
+            bad = [c for c in choices if not any(type(c) is type(k) and c == k for k in p.choices)]
+            if bad:
+                issues.append(SpecIssue(where, f"{bad} are not choices of {n!r}; its choices are {p.choices}"))
+    for n, step in f.safety_max_step.items():
+        where = f"safety.max_step.{n}"
+        p = by_name.get(n)
+        if n not in known:
+            issues.append(SpecIssue(where, f"unknown parameter {n!r}; known: {known}"))
+        elif p is not None and p.type == "categorical":
+            issues.append(SpecIssue(where, f"{n!r} is categorical: it has no step size; limit its choices "
+                                    f"with safety.allowed.{n} instead"))
+        if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step) or step <= 0:
+            issues.append(SpecIssue(where, f"write a positive number, the largest change of {n!r} between "
+                                    f"consecutive trials on one station (got {step!r})"))
+    rate = f.safety_rate
+    inst_names = [n for n in f.instrument_names if n is not None]
+    if rate is not None:
+        per = rate.items() if isinstance(rate, dict) else [(None, rate)]
+        for name, r in per:
+            where = "safety.max_trials_per_hour" + (f".{name}" if name is not None else "")
+            if name is not None and name not in inst_names:
+                issues.append(SpecIssue(where, f"unknown instrument {name!r}; the campaign's instruments "
+                                        f"are {inst_names}"))
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                issues.append(SpecIssue(where, f"write a whole number of trials of at least 1 per hour "
+                                        f"per station (got {r!r})"))
     return issues
 
 

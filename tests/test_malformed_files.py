@@ -92,6 +92,30 @@ MALFORMED = [
     ("latency inf", _with("simulator: branin}", "simulator: branin, latency: .inf}"), "instruments[0].latency"),
     ("choice NaN", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, choices: [1.5, .nan]}\n"),
      "parameters[0].choices[1]"),
+    ("forbidden unknown parameter", BASE + "safety: {forbidden: ['x1 + x9 >= 3']}\n", "safety.forbidden[0]"),
+    ("forbidden unreadable", BASE + "safety: {forbidden: ['x1 >> 3']}\n", "safety.forbidden[0]"),
+    ("forbidden ==", BASE + "safety: {forbidden: ['x1 == 3']}\n", "safety.forbidden[0]"),
+    ("forbidden on a categorical", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, "
+                                         "choices: [1, 2]}\n") + "safety: {forbidden: ['s + x1 >= 3']}\n",
+     "safety.forbidden[0]"),
+    ("max_step unknown parameter", BASE + "safety: {max_step: {x9: 1}}\n", "safety.max_step.x9"),
+    ("max_step zero", BASE + "safety: {max_step: {x1: 0}}\n", "safety.max_step.x1"),
+    ("max_step negative", BASE + "safety: {max_step: {x1: -2}}\n", "safety.max_step.x1"),
+    ("max_step text", BASE + "safety: {max_step: {x1: far}}\n", "safety.max_step.x1"),
+    ("max_step on a categorical", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, "
+                                        "choices: [a, b]}\n") + "safety: {max_step: {s: 1}}\n", "safety.max_step.s"),
+    ("allowed not a choice", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, "
+                                   "choices: [a, b]}\n") + "safety: {allowed: {s: [a, c]}}\n", "safety.allowed.s"),
+    ("allowed empty", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, "
+                            "choices: [a, b]}\n") + "safety: {allowed: {s: []}}\n", "safety.allowed.s"),
+    ("allowed on a float", BASE + "safety: {allowed: {x1: [1.0]}}\n", "safety.allowed.x1"),
+    ("allowed unknown parameter", BASE + "safety: {allowed: {s: [a]}}\n", "safety.allowed.s"),
+    ("rate zero", BASE + "safety: {max_trials_per_hour: 0}\n", "safety.max_trials_per_hour"),
+    ("rate fractional", BASE + "safety: {max_trials_per_hour: 2.5}\n", "safety.max_trials_per_hour"),
+    ("rate unknown instrument", BASE + "safety: {max_trials_per_hour: {hplc: 3}}\n",
+     "safety.max_trials_per_hour.hplc"),
+    ("rate negative per instrument", BASE + "safety: {max_trials_per_hour: {reactor: -1}}\n",
+     "safety.max_trials_per_hour.reactor"),
     ("unknown sobol option", _with("{name: sobol}", "{name: sobol, options: {heat: 1}}"), "planner.options.heat"),
 ]
 
@@ -116,3 +140,25 @@ def test_one_choice_says_a_choice_needs_two(tmp_path):
     path.write_text(MALFORMED[[m[0] for m in MALFORMED].index("one choice")][1])
     with pytest.raises(CampaignError, match="at least 2"):
         load_campaign(path)
+
+
+def test_the_new_safety_fields_are_valid_as_documented(tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(_with("parameters:\n", "parameters:\n  - {name: s, type: categorical, choices: [water, ethanol]}\n")
+                    .replace("simulator: branin}", "device: 'tests.envelope_device:make_reactor', outcomes: [y]}")
+                    + "safety:\n  forbidden: ['x1 + x2 >= 12']\n  max_step: {x1: 2.0}\n"
+                    "  max_trials_per_hour: {reactor: 30}\n  allowed: {s: [water]}\n")
+    safety = load_campaign(path).safety
+    assert safety.max_step == {"x1": 2.0} and safety.allowed == {"s": ["water"]}
+    assert safety.rate_limit("reactor") == 30 and safety.rate_limit("hplc") is None
+    assert str(safety.forbidden[0]) == "1*x1 + 1*x2 >= 12"
+
+
+def test_a_bad_new_safety_field_says_what_to_write(tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(BASE + "safety: {max_step: {x1: 0}, max_trials_per_hour: {hplc: 3}}\n")
+    with pytest.raises(CampaignError) as err:
+        load_campaign(path)
+    issues = {i.path: i.message for i in err.value.issues}
+    assert "positive number" in issues["safety.max_step.x1"]
+    assert "unknown instrument 'hplc'" in issues["safety.max_trials_per_hour.hplc"]

@@ -4,12 +4,15 @@ none makes the gate raise; and every dispatch, of an already approved trial too,
 from __future__ import annotations
 
 import math
+from datetime import UTC
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.safety import check_point
 from orchestrator.spec import SafetySpec
+from planners import PLANNERS
 from planners.space import (
     CategoricalParameter,
     FloatParameter,
@@ -32,7 +35,8 @@ SPACE = SearchSpace(
                  LinearConstraint.parse("0.000001*t <= 0.000005")],
 )
 SAFETY = SafetySpec.model_validate({"limits": {"x1": {"min": -4, "max": 5}, "cycles": {"max": 6}},
-                                    "rules": ["x1 - t <= 3"]})
+                                    "rules": ["x1 - t <= 3"], "forbidden": ["x1 + t >= 8"],
+                                    "allowed": {"solvent": ["water", 3]}})
 NAMES = [p.name for p in SPACE.parameters]
 
 
@@ -43,11 +47,11 @@ def legal_by_hand(point: dict) -> bool:
     x1, rate, t, cycles, solvent, a, b = (point[n] for n in NAMES)
     if any(type(v) is not float or not math.isfinite(v) for v in (x1, rate, t, a, b)):
         return False
-    if type(cycles) is not int or solvent not in ("water", "ethanol") and not (type(solvent) is int and solvent == 3):
-        return False
+    if type(cycles) is not int or solvent != "water" and not (type(solvent) is int and solvent == 3):
+        return False  # 'ethanol' is a choice, but not an allowed one
     return (-4 <= x1 <= 5 and 0.01 <= rate <= 10 and 0 <= t <= 10 and 1 <= cycles <= 6 and 0 <= a <= 1
             and 0 <= b <= 1 and x1 + 2 * t <= 12 * (1 + 1e-5) and abs(a + b - 1) <= 1e-5
-            and t <= 5 * (1 + 1e-5) and x1 - t <= 3)
+            and t <= 5 * (1 + 1e-5) and x1 - t <= 3 and not x1 + t >= 8)
 
 
 weird = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.just(" 5 "), st.lists(st.integers(), max_size=2),
@@ -61,7 +65,7 @@ value = {"x1": st.one_of(number, weird), "rate": st.one_of(number, weird), "t": 
          "a": st.one_of(st.floats(0, 1), number), "b": st.one_of(st.floats(0, 1), number)}
 
 
-edge = st.sampled_from([-4.0, 5.0, 5.000000001, -4.000000001, math.nextafter(5.0, 6.0), 0.01, 10.0, 3.0, 0.0,
+edge = st.sampled_from([-4.0, 5.0, 8.0, math.nextafter(3.0, 0.0), 5.000000001, -4.000000001, math.nextafter(5.0, 6.0), 0.01, 10.0, 3.0, 0.0,
                          1.0, -0.0, 6, 1, 7, 2.0])
 
 
@@ -69,10 +73,10 @@ edge = st.sampled_from([-4.0, 5.0, 5.000000001, -4.000000001, math.nextafter(5.0
 def legal(draw) -> dict:
     """A point inside the envelope (floats, as planners send them)."""
     t = draw(st.floats(0, 5))
-    x1 = draw(st.floats(-4, min(5.0, 3.0 + t)))
+    x1 = draw(st.floats(-4, min(5.0, 3.0 + t, 7.999 - t)))
     a = draw(st.floats(0, 1))
     return {"x1": x1, "rate": draw(st.floats(0.01, 10)), "t": t, "cycles": draw(st.integers(1, 6)),
-            "solvent": draw(st.sampled_from(["water", "ethanol", 3])), "a": a, "b": 1.0 - a}
+            "solvent": draw(st.sampled_from(["water", 3])), "a": a, "b": 1.0 - a}
 
 
 @st.composite
@@ -168,3 +172,159 @@ def test_an_approved_trial_in_the_ledger_passes_the_gate_again_on_resume(tmp_pat
     runs = [line for line in journal.read_text().split("\n") if line.startswith("run ")]
     assert len(runs) == 3 and not any("1000.0" in r for r in runs)
     ledger.close()
+
+
+# ---- the station rules (max_step, max_trials_per_hour): check_dispatch ------------------------
+def _at(seconds_ago: float):
+    from datetime import datetime, timedelta
+
+    return datetime(2025, 1, 1, 12, tzinfo=UTC) - timedelta(seconds=seconds_ago)
+
+
+STATION_SAFETY = SafetySpec.model_validate({"max_step": {"x1": 2.0}, "max_trials_per_hour": {"reactor": 3}})
+
+
+def test_check_dispatch_max_step_against_the_last_trial_on_the_station():
+    from orchestrator.safety import check_dispatch
+
+    now = _at(0)
+    assert check_dispatch({"x1": 9.0}, "reactor", None, [], STATION_SAFETY, now) is None  # a station's first
+    assert check_dispatch({"x1": 3.0}, "reactor", {"x1": 1.0}, [], STATION_SAFETY, now) is None  # exactly 2
+    r = check_dispatch({"x1": 3.5}, "reactor", {"x1": 1.0}, [], STATION_SAFETY, now)
+    assert r.rule == "safety.max_step.x1" and r.retry_after is None and "safety.max_step.x1" in str(r)
+    for bad_last in ({"x1": float("nan")}, {"x1": "hot"}, {"x1": None}):
+        r = check_dispatch({"x1": 1.0}, "reactor", bad_last, [], STATION_SAFETY, now)  # never raises
+        assert r is not None and r.rule == "safety.max_step.x1" and r.retry_after is None, bad_last
+    r = check_dispatch({}, "reactor", {"x1": 1.0}, [], STATION_SAFETY, now)  # a point it cannot read
+    assert r is not None and r.rule == "safety.max_step.x1"
+
+
+def test_check_dispatch_rate_waits_until_the_oldest_start_is_an_hour_old():
+    from orchestrator.safety import check_dispatch
+
+    now = _at(0)
+    starts = [_at(3000), _at(1200), _at(60), _at(4000)]  # the last is over an hour ago: it does not count
+    r = check_dispatch({"x1": 0.0}, "reactor-2", None, starts, STATION_SAFETY, now, instrument="reactor")
+    assert r.rule == "safety.max_trials_per_hour" and abs(r.retry_after - 600) < 1e-6
+    assert check_dispatch({"x1": 0.0}, "reactor-2", None, starts[1:], STATION_SAFETY, now, "reactor") is None
+    # another instrument is not limited by {reactor: 3}; a plain number limits every station
+    assert check_dispatch({"x1": 0.0}, "hplc", None, starts, STATION_SAFETY, now) is None
+    every = SafetySpec.model_validate({"max_trials_per_hour": 1})
+    naive = [_at(10).replace(tzinfo=None)]  # SQLite hands back times without a zone: UTC
+    assert check_dispatch({}, "hplc", None, naive, every, now).retry_after > 3000
+    r = check_dispatch({}, "hplc", None, [object()], every, now)  # a start time it cannot read: refused
+    assert r is not None and r.rule == "safety.max_trials_per_hour" and r.retry_after is None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(point=st.fixed_dictionaries({"x1": st.one_of(number, weird)}),
+       last=st.one_of(st.none(), st.fixed_dictionaries({"x1": st.one_of(number, weird)})),
+       ago=st.lists(st.floats(-100, 8000), max_size=6), step=st.floats(0.1, 10), rate=st.integers(1, 4))
+def test_check_dispatch_never_raises_and_never_lets_a_step_or_rate_through(point, last, ago, step, rate):
+    from orchestrator.safety import check_dispatch
+
+    safety = SafetySpec.model_validate({"max_step": {"x1": step}, "max_trials_per_hour": rate})
+    r = check_dispatch(point, "s", last, [_at(a) for a in ago], safety, _at(0))
+    if r is None:
+        assert last is None or abs(float(point["x1"]) - float(last["x1"])) <= step
+        assert sum(0 <= a < 3600 for a in ago) < rate
+    else:
+        assert r.rule.startswith("safety.") and str(r)
+
+
+# ---- the envelope through every planner, a journaling device, the real dispatcher -------------
+ENVELOPE_CAMPAIGN = """
+name: envelope-{planner}
+seed: 3
+parameters:
+  - {{name: x1, type: float, lower: -5, upper: 10}}
+  - {{name: x2, type: float, lower: 0, upper: 15}}
+  - {{name: solvent, type: categorical, choices: [water, ethanol, toluene]}}
+objectives: [{{name: y, goal: minimize}}]
+budget: {{max_trials: 6, max_wall_time: 2.5}}
+planner: {{name: {planner}}}
+instruments: [{{name: reactor, device: 'tests.envelope_device:make_reactor', outcomes: [y], concurrency: 2}}]
+safety:
+  limits: {{x2: {{max: 14}}}}
+  rules: ['x1 - x2 <= 8']
+  forbidden: ['x1 + x2 >= {rhs}']
+  allowed: {{solvent: {allowed}}}
+  max_step: {{x1: {step}}}
+  max_trials_per_hour: {rate}
+"""
+
+attack_value = {"x1": st.one_of(st.floats(-5, 10), st.sampled_from([-5.0, 10.0, 10.5, float("nan")])),
+                "x2": st.one_of(st.floats(0, 15), st.sampled_from([0.0, 14.0, 14.5, 15.0])),
+                "solvent": st.sampled_from(["water", "ethanol", "toluene", "acetone", 3])}
+
+
+class _Adversary:
+    """The campaign's own planner, with every other proposal replaced by an attack point."""
+
+    def __init__(self, inner, attacks: list[dict]) -> None:  # noqa: ANN001
+        self.inner, self.attacks = inner, list(attacks)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def ask(self, n, history, pending, state=None):  # noqa: ANN001, ANN201
+        from planners.base import Proposal
+
+        out = list(self.inner.ask(n, history, pending, state=state))
+        for i in range(0, len(out), 2):
+            if self.attacks:
+                out[i] = Proposal(self.attacks.pop(), "adversary", 0)
+        return out
+
+
+@pytest.mark.parametrize("planner", sorted(PLANNERS))
+@settings(max_examples=1, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(rhs=st.floats(8, 20), allowed=st.lists(st.sampled_from(["water", "ethanol", "toluene"]), min_size=1,
+                                               max_size=3, unique=True),
+       step=st.floats(3, 15), rate=st.integers(1, 3),
+       attacks=st.lists(st.fixed_dictionaries(attack_value), min_size=6, max_size=6))
+def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(
+        prefect_api_url, planner, rhs, allowed, step, rate, attacks):
+    """The planner's proposals, attack points among them, resumed trials and operator-added ones
+    (approved in the ledger beforehand): what the device journals is inside every rule, per
+    station; nothing raises; no trial is left running or unseen."""
+    import tempfile
+
+    import yaml
+
+    from orchestrator.flows import CampaignRuntime, run_campaign
+    from orchestrator.settings import Settings
+    from orchestrator.spec import parse_campaign
+    from planners.base import Proposal
+
+    from .envelope_device import JOURNAL
+
+    JOURNAL.clear()
+    text = ENVELOPE_CAMPAIGN.format(planner=planner, rhs=rhs, allowed=allowed, step=step, rate=rate)
+    spec = parse_campaign(yaml.safe_load(text))
+    runtime = CampaignRuntime(spec, tempfile.mkdtemp(prefix="labpilot-envelope-"), settings=Settings(trainer="off"))
+    try:
+        for p in attacks[:2] + [{"x1": 10.0, "x2": 14.0, "solvent": allowed[0]}]:  # operator's / resumed
+            tid = runtime.ledger.propose(runtime.campaign_id, Proposal(dict(p), "operator", 0))
+            runtime.ledger.transition(tid, "approved", "system", "approved by hand")
+        runtime.planner = _Adversary(runtime.planner, attacks[2:])
+        result = run_campaign(runtime)  # a raise anywhere fails the test
+        trials = runtime.ledger.trials(runtime.campaign_id)
+    finally:
+        runtime.close()
+    assert result.status in ("finished", "failed"), result.reason
+    by_station: dict[str, list[dict]] = {}
+    for station, sent in JOURNAL:
+        x1, x2, solvent = sent["x1"], sent["x2"], sent["solvent"]
+        assert type(x1) is float and type(x2) is float and math.isfinite(x1 + x2), sent
+        assert -5 <= x1 <= 10 and 0 <= x2 <= 14 and x1 - x2 <= 8, sent
+        assert not x1 + x2 >= rhs and solvent in allowed, sent
+        by_station.setdefault(station, []).append(sent)
+    for station, runs in by_station.items():
+        assert len(runs) <= rate, (station, runs)  # the campaign runs for seconds: at most one hour's worth
+        for a, b in zip(runs, runs[1:], strict=False):
+            assert abs(b["x1"] - a["x1"]) <= step, (station, a, b)
+    assert not [t for t in trials if t.state in ("running", "proposed")], [(t.state, t.reason) for t in trials]
+    assert all(t.reason for t in trials if t.state == "vetoed")
+    assert len(JOURNAL) == sum(t.state == "completed" for t in trials)
