@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -993,9 +994,22 @@ def _module_source(module: str) -> ast.Module | None:
     if spec is None or not (spec.origin or "").endswith(".py"):
         return None
     try:
-        return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+        text = Path(spec.origin).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
+    for attempt in range(3):
+        try:
+            return ast.parse(text)
+        except SyntaxError:
+            return None
+        except SystemError:
+            # CPython 3.11's parser keeps its recursion depth in shared state: another thread parsing
+            # at the same moment (torch.jit.script reads source with ast when botorch loads in a
+            # campaign's thread) makes it raise "AST constructor recursion depth mismatch".
+            if attempt == 2:
+                raise
+            time.sleep(0.01)
+    return None
 
 
 def _source_bases(module: str, cls: str) -> list[str] | None:
