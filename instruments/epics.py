@@ -15,23 +15,9 @@ put into the environment (where not set) before pyepics is imported.
 
 from __future__ import annotations
 
-import os
+from instruments.epics_env import LOOPBACK_ENV, default_to_loopback  # noqa: F401 - re-exported
 
-#: Channel Access and pvAccess on loopback only: no search, beacon or server on the network.
-LOOPBACK_ENV = {
-    "EPICS_CA_ADDR_LIST": "127.0.0.1",
-    "EPICS_CA_AUTO_ADDR_LIST": "NO",
-    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-}
-for _k, _v in LOOPBACK_ENV.items():  # before pyepics reads them; a user's own settings win
-    os.environ.setdefault(_k, _v)
+default_to_loopback()  # before pyepics reads them; a user's own settings win
 
 from typing import Any  # noqa: E402
 

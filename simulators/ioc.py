@@ -40,19 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Channel Access and pvAccess stay on this host: no search, beacon or server on the network.
-LOOPBACK_ENV = {
-    "EPICS_CA_ADDR_LIST": "127.0.0.1",
-    "EPICS_CA_AUTO_ADDR_LIST": "NO",
-    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-}
+from instruments.epics_env import LOOPBACK_ENV
 
 FAULTS = ["none", "hang_move", "nan", "acquire_error", "disconnect"]
 STEP_S = 0.02  # how often a moving readback is updated

@@ -73,3 +73,14 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def journal(tmp_path, monkeypatch):
+    """The file where ``tests.journal_device`` writes every run it is asked to make (what reached
+    the instrument); its measurements take 0.2 s unless a test sets ``LABPILOT_TEST_LATENCY``."""
+    path = tmp_path / "journal.txt"
+    path.touch()
+    monkeypatch.setenv("LABPILOT_TEST_JOURNAL", str(path))
+    monkeypatch.setenv("LABPILOT_TEST_LATENCY", "0.2")
+    return path

@@ -29,17 +29,9 @@ ROLES = {"olga": "operator", "vera": "viewer"}
 
 
 @pytest.fixture
-def journal(tmp_path, monkeypatch):
-    path = tmp_path / "journal.txt"
-    path.touch()
-    monkeypatch.setenv("LABPILOT_TEST_JOURNAL", str(path))
-    monkeypatch.setenv("LABPILOT_TEST_LATENCY", "0.3")
-    return path
-
-
-@pytest.fixture
-def live(tmp_path, journal):
+def live(tmp_path, journal, monkeypatch):
     """A running campaign (manual approval, 3 trials) and its console, as `labpilot run --console`."""
+    monkeypatch.setenv("LABPILOT_TEST_LATENCY", "0.3")
     out = tmp_path / "run"
     run = Running(_write(tmp_path, trials=3, approval="{policy: manual}"), out)
     led = run.runtime.ledger

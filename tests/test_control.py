@@ -42,15 +42,6 @@ def _write(tmp_path: Path, trials: int = 3, approval: str = "{policy: auto}", in
     return path
 
 
-@pytest.fixture
-def journal(tmp_path, monkeypatch):
-    path = tmp_path / "journal.txt"
-    path.touch()
-    monkeypatch.setenv("LABPILOT_TEST_JOURNAL", str(path))
-    monkeypatch.setenv("LABPILOT_TEST_LATENCY", "0.2")
-    return path
-
-
 def runs(journal: Path) -> list[tuple[float, float]]:
     """The points that reached the instrument (its own journal)."""
     return [(float(a), float(b)) for line in journal.read_text().splitlines()

@@ -241,7 +241,7 @@ parameters:
   - {{name: x2, type: float, lower: 0, upper: 15}}
   - {{name: solvent, type: categorical, choices: [water, ethanol, toluene]}}
 objectives: [{{name: y, goal: minimize}}]
-budget: {{max_trials: 6, max_wall_time: 2.5}}
+budget: {{max_trials: 6, max_wall_time: 1.5}}
 planner: {{name: {planner}}}
 instruments: [{{name: reactor, device: 'tests.envelope_device:make_reactor', outcomes: [y], concurrency: 2}}]
 safety:
