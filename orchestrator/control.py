@@ -191,9 +191,9 @@ class Control:
     def _trial(self, number: int | None) -> TrialRow:
         if number is None:
             raise ControlError("this action needs a trial number")
-        for t in self.ledger.trials(self.campaign_id):
-            if t.number == number:
-                return t
+        t = self.ledger.trial_by_number(self.campaign_id, number)
+        if t is not None:
+            return t
         raise NotFound(f"campaign {self.campaign.name!r} has no trial {number}; 'labpilot status DIR' "
                        "lists its trials")
 
@@ -378,10 +378,10 @@ class Applier:
         return len(commands)
 
     def _trial(self, number: int | None) -> TrialRow:
-        for t in self.ledger.trials(self.campaign_id):
-            if t.number == number:
-                return t
-        raise NotFound(f"no trial {number}")
+        t = self.ledger.trial_by_number(self.campaign_id, number) if number is not None else None
+        if t is None:
+            raise NotFound(f"no trial {number}")
+        return t
 
     def _apply(self, c: CommandRow) -> tuple[str, str]:
         who = f"{c.user} ({c.via})"

@@ -516,18 +516,20 @@ class _Dispatcher:
         fut = run_trial.submit(runner, trial_id, parameters, md)
         fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
 
-    def gate(self, trial_id: int, reason: str) -> dict[str, Any] | None:
+    def gate(self, trial_id: int, reason: str | None) -> dict[str, Any] | None:
         """The safety gate: the parameters to send, each of its declared type, or ``None``
         (vetoed, and recorded). Every dispatch passes it, a trial a crashed run or an operator
         had already approved too: the envelope may have been tightened since, an operator's
-        point is theirs, and a ledger can be edited by hand."""
+        point is theirs, and a ledger can be edited by hand. A proposed trial that passes is
+        approved by the system for ``reason``; with ``None`` it stays proposed (the approval
+        policy decides next)."""
         trial = self.ledger.trial(trial_id)
         point, why = check_point(trial.parameters, self.rt.problem.space, self.spec.safety)
         if why:
             self.ledger.transition(trial_id, "vetoed", "system", why)
             self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
             return None
-        if trial.state != "approved":
+        if trial.state != "approved" and reason is not None:
             self.ledger.transition(trial_id, "approved", "system", reason)
         return point
 
@@ -684,11 +686,8 @@ class _Dispatcher:
             self.rt.timings["propose"].append(planner_seconds)
             for i, p in enumerate(proposals):
                 tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i})
-                trial = self.ledger.trial(tid)
-                point, why = check_point(trial.parameters, self.rt.problem.space, self.spec.safety)
-                if why:
-                    self.ledger.transition(tid, "vetoed", "system", why)
-                    self.rt.observer.trial_changed(self.rt, trial.number, "vetoed", why)
+                point = self.gate(tid, None)
+                if point is None:
                     self.consecutive_vetoes += 1
                     continue
                 if self.approval_wait(tid, p):

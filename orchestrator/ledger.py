@@ -686,6 +686,12 @@ class Ledger:
             _ = row.observation, row.proposal, row.events
             return row
 
+    def trial_by_number(self, campaign_id: int, number: int) -> TrialRow | None:
+        """The campaign's trial ``number`` (as people name trials), or ``None``."""
+        with self._sessions() as s:
+            tid = s.scalar(select(TrialRow.id).where(TrialRow.campaign_id == campaign_id, TrialRow.number == number))
+        return None if tid is None else self.trial(tid)
+
     def latest_model_state(self, campaign_id: int) -> tuple[int | None, dict[str, Any] | None]:
         """``(trial number, model_state)`` of the campaign's newest proposal that carries a model
         state (what the planner's next ask starts from), or ``(None, None)``."""

@@ -132,3 +132,22 @@ class RunningCampaign:
         self._stop.set()
         self._thread.join(5)
         self.ledger.release(self.cid, "me")
+
+
+def open_campaign_page(browser: Any, url: str, name: str, password: str, campaign_key: str,
+                       **context_options: Any) -> tuple[Any, Any, list[str]]:
+    """Log ``name`` in on the console's page in a fresh browser context and open a campaign;
+    returns ``(context, page, errors)``, ``errors`` collecting the page's JavaScript errors."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    expect(page.get_by_test_id("login")).to_be_visible()
+    page.get_by_test_id("login-name").fill(name)
+    page.get_by_test_id("login-password").fill(password)
+    page.get_by_test_id("login-submit").click()
+    page.get_by_test_id(f"campaign-link-{campaign_key}").click()
+    return context, page, errors

@@ -9,7 +9,13 @@ import pytest
 from orchestrator.console import create_app, serve_in_thread
 from orchestrator.ledger import Ledger
 from planners.base import Proposal
-from tests.console_factories import PASSWORDS, RunningCampaign, add_users, build_campaign
+from tests.console_factories import (
+    PASSWORDS,
+    RunningCampaign,
+    add_users,
+    build_campaign,
+    open_campaign_page,
+)
 
 
 @pytest.fixture
@@ -29,16 +35,7 @@ def console(tmp_path):
 def _login(browser, url: str, name: str):
     from playwright.sync_api import expect
 
-    context = browser.new_context()
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
-    expect(page.get_by_test_id("login")).to_be_visible()
-    page.get_by_test_id("login-name").fill(name)
-    page.get_by_test_id("login-password").fill(PASSWORDS[name])
-    page.get_by_test_id("login-submit").click()
-    page.get_by_test_id("campaign-link-0-1").click()
+    context, page, errors = open_campaign_page(browser, url, name, PASSWORDS[name], "0-1")
     expect(page.get_by_test_id("campaign-status")).to_contain_text("created")
     return context, page, errors
 

@@ -19,6 +19,7 @@ from orchestrator.console import create_app, serve_in_thread
 from orchestrator.console.auth import hash_password
 from orchestrator.control import Actor, Control
 from orchestrator.ledger import Ledger, sqlite_url
+from tests.console_factories import open_campaign_page
 from tests.test_control import Running, _write, runs, until, waiting
 
 pytestmark = pytest.mark.usefixtures("prefect_api_url")
@@ -50,19 +51,11 @@ def live(tmp_path, journal, monkeypatch):
         server.stop()
 
 
-def _login(browser, url: str, name: str, key: str):  # noqa: F811 - the fixture's value
+def _login(browser, url: str, name: str, key: str):
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
-    expect(page.get_by_test_id("login")).to_be_visible()
-    page.get_by_test_id("login-name").fill(name)
-    page.get_by_test_id("login-password").fill(PASSWORDS[name])
-    page.get_by_test_id("login-submit").click()
-    page.get_by_test_id(f"campaign-link-{key}").click()
+    context, page, errors = open_campaign_page(browser, url, name, PASSWORDS[name], key,
+                                               viewport={"width": 1280, "height": 1000})
     expect(page.get_by_test_id("campaign-status")).to_have_attribute("data-live", "true")
     expect(page.get_by_test_id("live-indicator")).to_have_text("live")
     return context, page, errors

@@ -332,12 +332,11 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
                 "items": [_trial_out(t) for t in rows[offset:offset + limit]]}
 
     def _find_trial(camp: _Camp, number: int) -> TrialRow:
-        with Session(camp.ledger.engine) as s:
-            tid = s.scalar(select(TrialRow.id).where(TrialRow.campaign_id == camp.row.id, TrialRow.number == number))
-        if tid is None:
+        t = camp.ledger.trial_by_number(camp.row.id, number)
+        if t is None:
             raise ApiError(404, f"campaign {camp.key} has no trial {number}", "number",
                            f"GET /api/campaigns/{camp.key}/trials lists them")
-        return camp.ledger.trial(tid)
+        return t
 
     @api.get("/campaigns/{cid}/trials/{number}", response_model=S.TrialDetail, tags=["trials"])
     def trial(cid: str, number: TrialNumber, request: Request) -> Any:

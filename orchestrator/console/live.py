@@ -194,7 +194,7 @@ class Feed:
                         continue
                     if msg is not None and self._ours(msg.body):
                         self.stream_messages += 1
-                        self.publish({"topic": msg.topic, "body": _plain(msg.body), "via": "stream"})
+                        self.publish({"topic": msg.topic, "body": msg.body, "via": "stream"})
                 else:
                     self._stop.wait(0.1)
         finally:
@@ -230,12 +230,6 @@ class Feed:
             except Exception:  # noqa: BLE001
                 pass
         return None
-
-
-def _plain(body: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(body, default=str))
 
 
 class LiveHub:
