@@ -510,6 +510,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = ledger.counts(campaign.id)
     console.print(f"{sum(counts.values())} trials: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
                   markup=False)
+    for station, event in ledger.out_of_rotation(campaign.id).items():
+        who = f"{event.user} ({event.actor})" if event.user else event.actor
+        console.print(Text(f"station {station} is out of rotation since {event.at:%Y-%m-%d %H:%M:%S} "
+                           f"({who}): {event.reason}; 'labpilot restore {args.dir} {station}' brings it back",
+                           style="bold yellow"), soft_wrap=True)
     ledger.close()
     return EXIT_OK
 

@@ -3,7 +3,8 @@
 Every action an operator takes (pause, resume, stop; approve, edit-then-approve
 or reject a proposal waiting for approval; abandon a running trial; re-queue
 an abandoned or failed one; change the budget; add a trial by hand; tell the
-result a person measured; import past results) is a row of the ledger's
+result a person measured; import past results; take an instrument station out
+of rotation or bring it back) is a row of the ledger's
 ``commands`` table first: who, when, what, why. The campaign that runs it,
 in whatever process or host, polls the ledger for pending commands and
 carries each out, recording what came of it (``applied`` or ``refused``, in
@@ -29,12 +30,13 @@ from typing import Any, Protocol
 
 from orchestrator.ledger import CommandRow, Ledger, TrialRow
 
-#: what each action takes: a trial number, and whether the reason is required
+#: what each action takes: a trial number, a station (``args["station"]``)
 ACTIONS: dict[str, dict[str, bool]] = {
     "pause": {"trial": False}, "resume": {"trial": False}, "stop": {"trial": False},
     "budget": {"trial": False}, "add": {"trial": False}, "import": {"trial": False},
     "approve": {"trial": True}, "reject": {"trial": True}, "abandon": {"trial": True},
     "requeue": {"trial": True}, "tell": {"trial": True},
+    "retire": {"trial": False, "station": True}, "restore": {"trial": False, "station": True},
 }
 #: roles that may control a campaign (a viewer watches)
 CONTROL_ROLES = frozenset({"operator", "admin"})
@@ -246,6 +248,8 @@ class Control:
             return out
         if action == "add":
             return {"parameters": self._point(dict(args.get("parameters") or {}))}
+        if action in ("retire", "restore"):
+            return self._check_station(action, args, reason)
         if action == "import":
             rows = args.get("rows")
             if not isinstance(rows, list) or not rows:
@@ -297,6 +301,27 @@ class Control:
             except (TypeError, ValueError):
                 raise ControlError(f"{k}={v!r} is not a finite number") from None
         return {"values": out}
+
+    def _check_station(self, action: str, args: dict[str, Any], reason: str) -> dict[str, Any]:
+        station = str(args.get("station") or "")
+        stations = self.spec.stations
+        if station not in stations:
+            raise NotFound(f"campaign {self.campaign.name!r} has no station {station!r}; its stations are "
+                           f"{stations}")
+        out = self.ledger.out_of_rotation(self.campaign_id)
+        for c in self.ledger.pending_commands(self.campaign_id):  # what the operator will see
+            if c.action in ("retire", "restore") and c.args.get("station") == station:
+                out = {k: v for k, v in out.items() if k != station} if c.action == "restore" else {**out, station: c}
+        if action == "retire":
+            if station in out:
+                raise ControlError(f"station {station!r} is out of rotation already; 'labpilot restore' brings "
+                                   "it back")
+            if not reason.strip():
+                raise ControlError(f"say why: taking {station!r} out of rotation needs a reason (--reason ...)")
+        elif station not in out:
+            raise ControlError(f"station {station!r} is in rotation (it is given trials); 'labpilot retire' "
+                               "takes it out")
+        return {"station": station}
 
     # ---- conveniences (the CLI and the console call these) ------------------------
     def import_rows(self, actor: Actor, frame: Any, source: str) -> CommandRow:
@@ -354,6 +379,7 @@ class Campaign(Protocol):
     def set_budget(self, budget: dict[str, Any]) -> None: ...
     def tell_result(self, trial_id: int, values: dict[str, float] | None, failed: str | None) -> str | None: ...
     def check_point(self, parameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]: ...
+    def set_rotation(self, station: str, in_rotation: bool, user: str, reason: str) -> str | None: ...
 
 
 class Applier:
@@ -411,6 +437,15 @@ class Applier:
                                           reason=f"imported by {c.user} from {c.args.get('source')} "
                                                  f"(line {row.get('line')})")
             return "applied", f"imported {len(c.args['rows'])} completed trials"
+        if c.action in ("retire", "restore"):
+            station = c.args["station"]
+            problem = self.target.set_rotation(station, c.action == "restore", c.user,
+                                               f"{'restored' if c.action == 'restore' else 'taken out of rotation'}"
+                                               f" by {who}{why}")
+            if problem:
+                raise ControlError(problem)
+            return "applied", (f"station {station!r} is back in rotation" if c.action == "restore" else
+                               f"station {station!r} is out of rotation: it is given no trials until restored")
         if c.action == "add":
             tid = self._operator_trial(c.args["parameters"], f"added by {c.user}", f"added by hand by {who}{why}")
             return "applied", f"trial {self.ledger.trial(tid).number} added and approved; it runs when a station is free"

@@ -1,5 +1,5 @@
 """The operator's command-line verbs: pause, resume, stop, approve, reject, requeue, abandon,
-budget, add, tell, suggest, import (each through orchestrator.control).
+budget, add, tell, suggest, import, retire, restore (each through orchestrator.control).
 
 Each prints what it did and exits 0, or 2 with the reason (trial not waiting,
 wrong state, campaign unknown). A command to a running campaign waits (up to
@@ -56,7 +56,8 @@ def _submit(args: argparse.Namespace, action: str, trial: int | None = None,
         command = control.submit(action, _actor(), trial=trial, args=cargs, reason=reason)
     except (ControlError, LookupError, FileNotFoundError) as exc:
         return _refuse(str(exc))
-    what = f"{action}" + (f" trial {trial}" if trial is not None else "")
+    what = f"{action}" + (f" trial {trial}" if trial is not None else "") + (
+        f" station {cargs['station']}" if cargs and cargs.get("station") else "")
     return _say(args, control, command, live, what)
 
 
@@ -124,6 +125,11 @@ def cmd_tell(args: argparse.Namespace) -> int:
         return _refuse(str(exc))
     cargs = {"failed": args.failed} if args.failed is not None else {"values": values}
     return _submit(args, "tell", args.trial, cargs, reason=args.reason or "")
+
+
+def cmd_station(args: argparse.Namespace) -> int:
+    """``retire`` (take a station out of rotation) or ``restore`` (bring it back)."""
+    return _submit(args, args.command, cargs={"station": args.station}, reason=args.reason or "")
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
@@ -209,5 +215,9 @@ def add_parsers(sub: Any, campaign_options: Any) -> None:
     p.add_argument("-n", type=int, default=10, help="at most this many")
     campaign_options(p)
     p.set_defaults(func=cmd_suggest)
+    for name, help_ in (("retire", "take an instrument station out of rotation: it is given no trials"),
+                        ("restore", "bring a station that is out of rotation back")):
+        p = verb(name, help_, cmd_station)
+        p.add_argument("station", help="the station, as 'labpilot status DIR' names it (e.g. reactor-2)")
     p = verb("import", "add past results from a CSV (one column per parameter and outcome)", cmd_import)
     p.add_argument("file", help="CSV file")

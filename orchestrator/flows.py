@@ -147,8 +147,7 @@ def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner
     """One runner (one RunEngine) per instrument station; ``concurrency: k`` makes k stations."""
     runners = []
     for inst in spec.instruments:
-        for lane in range(inst.concurrency):
-            name = inst.name if inst.concurrency == 1 else f"{inst.name}-{lane + 1}"
+        for name in inst.stations:
             device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners),
                                             parameters=spec.parameters)
             timeout = inst.timeout
@@ -434,7 +433,9 @@ class _Dispatcher:
         self.t_start = t_start
         self.lease = _Lease(runtime, self.wall_seconds)
         self.done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
-        self.free = list(runtime.runners)
+        #: stations out of rotation (taken out after failing, or by an operator): station -> why
+        self.out = {k: e.reason for k, e in self.ledger.out_of_rotation(self.cid).items()}
+        self.free = [r for r in runtime.runners if r.instrument.name not in self.out]
         self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
         self.numbers: dict[int, int] = {}  # trial id -> trial number, of those in flight
         self.station: dict[int, InstrumentRunner] = {}  # trial id -> its station, of those in flight
@@ -457,6 +458,7 @@ class _Dispatcher:
         manual = {r.instrument.name for r in runtime.runners if is_manual(r)}
         self.reattach = [t for t in self.ledger.trials(self.cid, ("running",)) if t.instrument in manual]
         self.applier = Applier(self.ledger, self.cid, self)
+        self._init_rotation()
 
     # ---- what the operator's commands call (orchestrator.control.Campaign) ----------
     def request_stop(self, reason: str) -> None:
@@ -473,6 +475,82 @@ class _Dispatcher:
 
     def check_point(self, parameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         return check_point(parameters, self.rt.problem.space, self.spec.safety)
+
+    def set_rotation(self, station: str, in_rotation: bool, user: str, reason: str) -> str | None:
+        runner = next((r for r in self.rt.runners if r.instrument.name == station), None)
+        if runner is None:
+            return f"this campaign has no station {station!r}"
+        if in_rotation != (station in self.out):
+            return f"station {station!r} is {'in' if in_rotation else 'out of'} rotation already"
+        if in_rotation:
+            self._restore(runner, "operator", reason, user)
+        else:
+            self._retire(station, "operator", reason, user)
+        return None
+
+    # ---- stations out of rotation ------------------------------------------------
+    # A station whose instrument says ``out_of_rotation_after: N`` is taken out after N failed
+    # trials in a row on it (an operator's abandon is not its failure; a success resets the
+    # count); it is given no trials until an operator restores it, and its trials go to the
+    # others. Its failures count towards the campaign's ``max_consecutive_failures`` only until
+    # it is taken out, so one bad station among good ones does not end the campaign, while
+    # failures everywhere still do. When every station is out the campaign waits, dispatching
+    # nothing (as if paused), until one is restored or the campaign is stopped: ending it would
+    # only make the operator start it again, and the ledger and the stream say why it waits.
+    def _init_rotation(self) -> None:
+        #: failed trials in a row per station, rebuilt from the ledger (since its last change of rotation)
+        self.station_streak: dict[str, int] = {}
+        #: each station's failures within the campaign's current streak of failures
+        self.streak_by_station: dict[str, int] = {}
+        self.rotation = {s: inst.out_of_rotation_after for inst in self.spec.instruments for s in inst.stations}
+        since = {e.station: e.at.replace(tzinfo=None) for e in self.ledger.station_events(self.cid)}
+        done = [t for t in self.ledger.trials(self.cid, ("completed", "failed")) if t.instrument and t.finished_at]
+        for t in sorted(done, key=lambda t: (t.finished_at.replace(tzinfo=None), t.id)):
+            if t.instrument in since and t.finished_at.replace(tzinfo=None) <= since[t.instrument]:
+                continue
+            self.station_streak[t.instrument] = self.station_streak.get(t.instrument, 0) + 1 \
+                if t.state == "failed" else 0
+        for station in list(self.station_streak):  # a crash between the Nth failure and taking it out
+            self._check_rotation(station)
+
+    def _station_result(self, station: str, failed: bool) -> None:
+        """Count a finished trial's outcome against its station (record() calls it)."""
+        if not failed:
+            self.station_streak[station] = 0
+            self.streak_by_station.clear()  # as the campaign's streak is reset
+            return
+        self.station_streak[station] = self.station_streak.get(station, 0) + 1
+        self.streak_by_station[station] = self.streak_by_station.get(station, 0) + 1
+        self._check_rotation(station)
+
+    def _check_rotation(self, station: str) -> None:
+        limit, streak = self.rotation.get(station), self.station_streak.get(station, 0)
+        if limit is None or station in self.out or streak < limit:
+            return
+        self._retire(station, "system", f"{streak} trials failed in a row on {station} (out_of_rotation_after: "
+                     f"{limit}); its trials go to the other stations until an operator brings it back with "
+                     f"'labpilot restore DIR {station}'")
+        # its failures are its own, now dealt with: they no longer count towards ending the campaign
+        self.consecutive_failures = max(0, self.consecutive_failures - self.streak_by_station.pop(station, 0))
+
+    def _retire(self, station: str, actor: str, reason: str, user: str | None = None) -> None:
+        self.out[station] = reason
+        self.free = [r for r in self.free if r.instrument.name != station]
+        if all(r.instrument.name in self.out for r in self.rt.runners):
+            reason += ("; every station is now out of rotation: the campaign waits, dispatching nothing, "
+                       "until an operator restores one ('labpilot restore DIR STATION') or stops it")
+        self.ledger.set_rotation(self.cid, station, False, actor, reason, user)
+        log.warning("campaign %s: station %s out of rotation: %s", self.spec.name, station, reason)
+
+    def _restore(self, runner: InstrumentRunner, actor: str, reason: str, user: str | None = None) -> None:
+        station = runner.instrument.name
+        self.out.pop(station, None)
+        self.station_streak[station] = 0
+        self.streak_by_station.pop(station, None)
+        if runner not in self.free and runner not in self.station.values():
+            self.free.append(runner)
+        self.ledger.set_rotation(self.cid, station, True, actor, reason, user)
+        log.warning("campaign %s: station %s back in rotation: %s", self.spec.name, station, reason)
 
     def abandon_trial(self, trial_id: int, reason: str) -> str | None:
         if trial_id in self.in_flight:
@@ -711,7 +789,8 @@ class _Dispatcher:
             outcome: TrialOutcome = fut.result()
         except Exception as exc:  # the task itself broke: still a recorded failure, never lost
             outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
-        self.free.append(runner)
+        if runner.instrument.name not in self.out:  # a station out of rotation is given no more trials
+            self.free.append(runner)
         self.in_flight.pop(trial_id, None)
         self.station.pop(trial_id, None)
         number = self.numbers.pop(trial_id)
@@ -727,10 +806,12 @@ class _Dispatcher:
             self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
             self.consecutive_failures = 0
             self.rt.observer.trial_changed(self.rt, number, "completed", _fmt(outcome.values))
+            self._station_result(runner.instrument.name, failed=False)
         else:
             self.ledger.transition(trial_id, "failed", "system", outcome.reason)
             self.consecutive_failures += 1
             self.rt.observer.trial_changed(self.rt, number, "failed", outcome.reason)
+            self._station_result(runner.instrument.name, failed=True)
         self.rt.timings["overhead"].append(time.perf_counter() - t_rec)
 
     def stop_reason(self) -> tuple[str, str] | None:
@@ -757,10 +838,12 @@ class _Dispatcher:
 
     def _reattach(self) -> None:
         """Put the manual trials a person was measuring back on their stations, to wait again."""
-        for t in self.reattach:
-            runner = next((r for r in self.free if r.instrument.name == t.instrument), None)
+        for t in self.reattach:  # a station out of rotation too: the person's measurement is still theirs
+            runner = next((r for r in self.rt.runners if r.instrument.name == t.instrument
+                           and r not in self.station.values()), None)
             if runner is not None:
-                self.free.remove(runner)
+                if runner in self.free:
+                    self.free.remove(runner)
                 self.submit(runner, t.id, dict(t.parameters), reattach=True)
         self.reattach = []
 

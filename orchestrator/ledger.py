@@ -240,6 +240,22 @@ class CommandRow(Base):
     outcome: Mapped[str] = mapped_column(Text, default="")
 
 
+class StationEventRow(Base):
+    """A station taken out of rotation or brought back: by the system (it failed
+    ``out_of_rotation_after`` trials in a row) or an operator (``labpilot retire``/``restore``).
+    A station's latest row says where it stands, so the state outlives a restart."""
+
+    __tablename__ = "station_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    station: Mapped[str] = mapped_column(String(200))
+    in_rotation: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str] = mapped_column(String(20))  # system or operator
+    user: Mapped[str | None] = mapped_column(String(100), nullable=True)  # the operator, by name
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class UserRow(Base):
     """A person who may use the console: a role, and a password hash (argon2), never the password."""
 
@@ -601,6 +617,32 @@ class Ledger:
             assert row is not None
             for k, v in fields.items():
                 setattr(row, k, v)
+
+    # ---- stations in and out of rotation ------------------------------------------------
+    def set_rotation(self, campaign_id: int, station: str, in_rotation: bool, actor: str, reason: str,
+                     user: str | None = None) -> StationEventRow:
+        """Record that ``station`` is out of rotation (or back in), then tell listeners (the
+        ``station`` topic of the stream, which the console relays)."""
+        assert actor in ACTORS, actor
+        with self._write() as s:
+            row = StationEventRow(campaign_id=campaign_id, station=station, in_rotation=in_rotation,
+                                  actor=actor, user=user, reason=reason)
+            s.add(row)
+            s.flush()
+        self._notify("station", {"campaign_id": campaign_id, "station": station, "in_rotation": in_rotation,
+                                 "actor": actor, "user": user, "reason": reason, "at": row.at.timestamp()})
+        return row
+
+    def station_events(self, campaign_id: int) -> list[StationEventRow]:
+        """Every station's changes of rotation, oldest first."""
+        with self._sessions() as s:
+            return list(s.scalars(select(StationEventRow).where(StationEventRow.campaign_id == campaign_id)
+                                  .order_by(StationEventRow.id)))
+
+    def out_of_rotation(self, campaign_id: int) -> dict[str, StationEventRow]:
+        """The stations out of rotation now: station -> the event that took it out."""
+        latest = {e.station: e for e in self.station_events(campaign_id)}
+        return {k: e for k, e in latest.items() if not e.in_rotation}
 
     # ---- users and tokens (the console's accounts) ------------------------------------
     def add_user(self, name: str, role: str, password_hash: str | None) -> UserRow:

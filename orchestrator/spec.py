@@ -239,6 +239,16 @@ class InstrumentSpec(_Spec):
     drift: float = Field(0.0, description="simulated drift added per measurement")
     failure_rate: float = Field(0.0, ge=0, le=1)
     hang_rate: float = Field(0.0, ge=0, le=1)
+    out_of_rotation_after: int | None = Field(
+        None, ge=1, le=1000, description="take a station out of rotation after this many failed trials in "
+        "a row on it (its trials go to the others) until an operator restores it; none: never")
+
+    @property
+    def stations(self) -> list[str]:
+        """The names of this instrument's stations: its own, or ``name-1 .. name-k`` for ``concurrency: k``."""
+        if self.concurrency == 1:
+            return [self.name]
+        return [f"{self.name}-{lane + 1}" for lane in range(self.concurrency)]
 
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:
@@ -385,6 +395,11 @@ class CampaignSpec(_Spec):
         return Problem(space=space, objectives=list(self.objectives),
                        outcome_constraints=list(self.outcome_constraints),
                        pool=campaign_pool(self.instruments, space))
+
+    @property
+    def stations(self) -> list[str]:
+        """Every instrument station's name, in the order the flow builds them."""
+        return [s for inst in self.instruments for s in inst.stations]
 
     @property
     def outcome_names(self) -> list[str]:
@@ -829,6 +844,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
     if isinstance(spec, CampaignSpec):
         from orchestrator.approval import ApprovalRule
 
+        issues += _check_rotation(spec)
         for i, text in enumerate(spec.approval.rules):
             why = ApprovalRule.parse(text).names_known([p.name for p in spec.parameters], spec.outcome_names)
             if why:
@@ -838,6 +854,19 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         if n is not None and n in inst_names[:i]:
             issues.append(SpecIssue(f"instruments[{i}].name", f"instrument name {n!r} is used twice"))
     return issues
+
+
+def _check_rotation(spec: CampaignSpec) -> list[SpecIssue]:
+    """A station is taken out of rotation before its failures alone can end the campaign: its
+    failures count towards ``budget.max_consecutive_failures`` until it is taken out, so a larger
+    ``out_of_rotation_after`` would let one bad station stop every good one."""
+    limit = spec.budget.max_consecutive_failures
+    return [SpecIssue(f"instruments[{i}].out_of_rotation_after",
+                      f"{inst.out_of_rotation_after} is more than budget.max_consecutive_failures ({limit}): "
+                      f"the campaign would end before station(s) {inst.stations} are taken out of rotation; "
+                      f"write out_of_rotation_after: {limit} or less, or raise max_consecutive_failures")
+            for i, inst in enumerate(spec.instruments)
+            if inst.out_of_rotation_after is not None and inst.out_of_rotation_after > limit]
 
 
 def _check_envelope(f: _Fields, known: list[str], by_name: dict[str, Parameter]) -> list[SpecIssue]:

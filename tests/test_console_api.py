@@ -21,6 +21,7 @@ CONTROL_ROUTES = [
     ("add", {"parameters": {"x1": 1.0, "x2": 2.0}}), ("import", {"rows": [{"x1": 1.0, "x2": 2.0, "y": 3.0}]}),
     ("trials/10/approve", None), ("trials/10/reject", {"reason": "too hot"}), ("trials/9/abandon", None),
     ("trials/7/requeue", None), ("trials/9/tell", {"values": {"y": 1.0}}),
+    ("stations/reactor/retire", {"reason": "recalibration"}), ("stations/reactor/restore", None),
 ]
 
 

@@ -440,18 +440,19 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
         action = request.url.path.rstrip("/").rsplit("/", 1)[-1]
         raw = str(request.path_params.get("number", ""))
         trial = int(raw) if raw.isdigit() and len(raw) < 10 else None
+        where = {"station": str(request.path_params["station"])[:200]} if "station" in request.path_params else {}
         try:
             p = console.principal(request)
         except ApiError as exc:
-            _deny(camp, request, action, trial, {}, "", "(bad credentials)", "none", exc.error)
+            _deny(camp, request, action, trial, where, "", "(bad credentials)", "none", exc.error)
             raise
         try:
             console.writer_checks(request, p)
         except ApiError as exc:
-            _deny(camp, request, action, trial, {}, "", p.name or "anonymous", p.role or "none", exc.error)
+            _deny(camp, request, action, trial, where, "", p.name or "anonymous", p.role or "none", exc.error)
             raise
         if p.anonymous:
-            _deny(camp, request, action, trial, {}, "", "anonymous", "none", "not logged in")
+            _deny(camp, request, action, trial, where, "", "anonymous", "none", "not logged in")
             raise ApiError(401, f"log in to {action}", None, "POST /api/login as an operator, or send "
                                                               "'Authorization: Bearer TOKEN'")
         request.state.principal = p
@@ -540,6 +541,16 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
     def tell(cid: str, number: TrialNumber, body: S.TellIn, request: Request) -> Any:
         args: dict[str, Any] = {"failed": body.failed} if body.failed else {"values": body.values or {}}
         return _submit(request, cid, "tell", number, args, body.reason)
+
+    @api.post("/campaigns/{cid}/stations/{station}/retire", **_cmd)
+    def retire(cid: str, station: Annotated[str, PathParam(max_length=200)], request: Request,
+               body: S.ReasonIn | None = None) -> Any:
+        return _submit(request, cid, "retire", args={"station": station}, reason=body.reason if body else "")
+
+    @api.post("/campaigns/{cid}/stations/{station}/restore", **_cmd)
+    def restore(cid: str, station: Annotated[str, PathParam(max_length=200)], request: Request,
+                body: S.ReasonIn | None = None) -> Any:
+        return _submit(request, cid, "restore", args={"station": station}, reason=body.reason if body else "")
 
     # ---- live -------------------------------------------------------------------------
     @app.websocket("/api/campaigns/{cid}/live")

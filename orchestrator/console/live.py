@@ -3,7 +3,7 @@
 A feed runs one thread that
 
 - follows the campaign's stream when its row names a ``stream_address`` (topics trial,
-  proposal, veto, model, command), re-reading the address every ``address_every`` seconds
+  proposal, veto, model, command, station), re-reading the address every ``address_every`` seconds
   (a resumed campaign publishes on a new one);
 - polls the ledger cheaply every ``poll_every`` seconds (newest trial event id, newest command
   id and how many are pending, how many model versions, the campaign row's status/paused/live),
@@ -42,7 +42,7 @@ from orchestrator.ledger import (
 
 log = logging.getLogger("labpilot.console")
 
-STREAM_TOPICS = ("trial", "proposal", "veto", "model", "command")
+STREAM_TOPICS = ("trial", "proposal", "veto", "model", "command", "station")
 QUEUE_SIZE = 256
 #: how long a client's sender waits after a message for the rest of its burst (a trial's end is a
 #: state change, a result, a proposal, ...): fewer frames for many clients, well inside the 1 s a
