@@ -148,8 +148,9 @@ def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner
     runners = []
     for inst in spec.instruments:
         for name in inst.stations:
+            takes = spec.takes(inst)
             device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners),
-                                            parameters=spec.parameters)
+                                            parameters=[p for p in spec.parameters if p.name in takes])
             timeout = inst.timeout
             if inst.kind == "manual" and "timeout" not in inst.model_fields_set:
                 from instruments.manual import MANUAL_TIMEOUT
@@ -291,7 +292,11 @@ class CampaignRuntime:
         callbacks = [DocumentJournal(self.ledger), self.stream.on_document] + ([on_document] if on_document else [])
         self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
         self.models: LiveModels | None = None
-        if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False):
+        # The live trainer reads each run's documents as a whole trial; a trial of several steps
+        # (instruments that split the work) is several runs, so its planner fits its own model
+        # from the ledger's history instead.
+        if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False) \
+                and len(spec.steps()) == 1:
             self.models = LiveModels(self.stream, self.problem, self.output_dir, settings.trainer,
                                      switch_at=settings.surrogate_switch_at,
                                      wait_seconds=settings.trainer_wait).start()
@@ -341,7 +346,11 @@ class CampaignRuntime:
         """
         readers = {r.instrument.name: r.instrument for r in self.runners}
         manual = {r.instrument.name for r in self.runners if is_manual(r)}
+        stepped = len(self.spec.steps()) > 1
         for t in self.ledger.trials(self.campaign_id, ("running",)):
+            if stepped:  # a trial of several steps: orchestrator.flows.recover_steps
+                recover_steps(self, t, readers)
+                continue
             if t.instrument in manual:
                 continue  # a person is measuring it: it waits for their result (the dispatcher re-attaches it)
             docs = self.ledger.documents(t.id)
@@ -364,6 +373,59 @@ class CampaignRuntime:
             self.ledger.transition(t.id, "abandoned", "system",
                                    "the campaign stopped while this trial ran; not rerun, since it may "
                                    "have used material; re-queue it by hand if it did not")
+
+
+def _step_documents(docs: list[tuple[str, dict[str, Any]]], step: int) -> list[tuple[str, dict[str, Any]]]:
+    """The documents of a trial's run for ``step`` (its start document says the step)."""
+    uids = {d["uid"] for n, d in docs if n == "start" and d.get("step") == step}
+    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d.get("run_start") in uids}
+    return [(n, d) for n, d in docs if (n == "start" and d.get("uid") in uids)
+            or (n in ("descriptor", "stop") and d.get("run_start") in uids)
+            or (n == "event" and d.get("descriptor") in descriptors)]
+
+
+def recover_steps(runtime: CampaignRuntime, t: Any, readers: dict[str, Instrument]) -> None:
+    """A trial of several steps left ``running`` by a crash. Its last step, if it was mid-run: a
+    run whose stop document is in the ledger is finished from its documents, as recover() does;
+    one without may have used material, so the trial is abandoned (never rerun). After a
+    finished step, the trial continues at its next step (the dispatcher queues it), or, after
+    the last, is completed with what every step measured. A finished step is never rerun."""
+    ledger = runtime.ledger
+    n_steps = len(runtime.spec.steps())
+    rows = ledger.steps(t.id)
+    last = rows[-1] if rows else None
+    if last is not None and last.state == "running":
+        docs = _step_documents(ledger.documents(t.id), last.step)
+        stop = next((d for n, d in docs if n == "stop"), None)
+        inst = readers.get(last.station)
+        if stop is None or inst is None:
+            ledger.finish_step(last.id, "abandoned", reason="the campaign stopped during this step")
+            ledger.transition(t.id, "abandoned", "system", f"the campaign stopped during step {last.step + 1} "
+                              f"(on {last.station}); not rerun, since it may have used material; re-queue it "
+                              "by hand if it did not")
+            return
+        try:
+            if stop.get("exit_status") != "success":
+                raise MeasurementError(f"the run ended {stop.get('exit_status')}: {stop.get('reason', '')}")
+            obs = inst.result(docs)  # type: ignore[misc]
+        except MeasurementError as exc:
+            ledger.finish_step(last.id, "failed", reason=str(exc))
+            ledger.transition(t.id, "failed", "system", f"step {last.step + 1} on {last.station}: {exc}")
+            return
+        ledger.finish_step(last.id, "completed", obs.values, obs.run_uid,
+                           "measured; recorded on resume from the run's documents")
+        rows = ledger.steps(t.id)
+        last = rows[-1]
+    if last is None or last.state == "abandoned":
+        ledger.transition(t.id, "abandoned", "system", "the campaign stopped before this trial's step ran; "
+                          "not rerun; re-queue it by hand")
+    elif last.state == "failed":
+        ledger.transition(t.id, "failed", "system", f"step {last.step + 1} on {last.station}: {last.reason}")
+    elif last.step + 1 == n_steps:
+        values = {k: v for r in rows if r.state == "completed" for k, v in r.values.items()}
+        ledger.complete(t.id, values, last.run_uid or "", reason="measured; recorded on resume (the campaign "
+                        "stopped after the last step)")
+    # else: completed a step before the last; the dispatcher continues it at the next
 
 
 @flow(name="labpilot-campaign", persist_result=False, validate_parameters=False, log_prints=False)
@@ -435,7 +497,9 @@ class _Dispatcher:
         self.done_q: queue.Queue[tuple[InstrumentRunner, int, Any]] = queue.Queue()
         #: stations out of rotation (taken out after failing, or by an operator): station -> why
         self.out = {k: e.reason for k, e in self.ledger.out_of_rotation(self.cid).items()}
-        self.free = [r for r in runtime.runners if r.instrument.name not in self.out]
+        self._init_steps(runtime.runners)
+        #: free stations of the first step, which new trials start on (every station, in one step)
+        self.free = [r for r in runtime.runners if r.instrument.name not in self.out and self.step_of[r.instrument.name] == 0]
         self.in_flight: dict[int, dict[str, Any]] = {}  # trial id -> parameters
         self.numbers: dict[int, int] = {}  # trial id -> trial number, of those in flight
         self.station: dict[int, InstrumentRunner] = {}  # trial id -> its station, of those in flight
@@ -459,6 +523,7 @@ class _Dispatcher:
         self.reattach = [t for t in self.ledger.trials(self.cid, ("running",)) if t.instrument in manual]
         self.applier = Applier(self.ledger, self.cid, self)
         self._init_rotation()
+        self._continue_steps()
 
     # ---- what the operator's commands call (orchestrator.control.Campaign) ----------
     def request_stop(self, reason: str) -> None:
@@ -535,7 +600,8 @@ class _Dispatcher:
 
     def _retire(self, station: str, actor: str, reason: str, user: str | None = None) -> None:
         self.out[station] = reason
-        self.free = [r for r in self.free if r.instrument.name != station]
+        pool = self._pool(station)
+        pool[:] = [r for r in pool if r.instrument.name != station]
         if all(r.instrument.name in self.out for r in self.rt.runners):
             reason += ("; every station is now out of rotation: the campaign waits, dispatching nothing, "
                        "until an operator restores one ('labpilot restore DIR STATION') or stops it")
@@ -547,12 +613,15 @@ class _Dispatcher:
         self.out.pop(station, None)
         self.station_streak[station] = 0
         self.streak_by_station.pop(station, None)
-        if runner not in self.free and runner not in self.station.values():
-            self.free.append(runner)
+        if runner not in self._pool(station) and runner not in self.station.values():
+            self._pool(station).append(runner)
         self.ledger.set_rotation(self.cid, station, True, actor, reason, user)
         log.warning("campaign %s: station %s back in rotation: %s", self.spec.name, station, reason)
 
     def abandon_trial(self, trial_id: int, reason: str) -> str | None:
+        if trial_id in self.in_flight and trial_id not in self.station:  # between two of its steps
+            self._drop(trial_id, "operator", reason)
+            return None
         if trial_id in self.in_flight:
             self.abandoning[trial_id] = reason
             self.station[trial_id].abort(reason)  # its run ends aborted; record() writes it abandoned
@@ -568,6 +637,136 @@ class _Dispatcher:
         if runner is None or not is_manual(runner):
             return f"trial {self.ledger.trial(trial_id).number} is not waiting for a person's result"
         return runner.instrument.device.tell(values, failed)
+
+    # ---- trials in steps (instruments that split the work) ------------------------
+    # When the campaign's instruments take different parameters or measure different outcomes,
+    # a trial runs through them in the file's order (CampaignSpec.steps): a reactor makes the
+    # sample, then a characterisation station measures it. The trial is ``running`` throughout;
+    # each step is a row of the ledger's trial_steps (station, parameters sent, times, values),
+    # written before its run starts and finished after, and its run's documents are journaled
+    # with ``step`` in the start document. A trial waits between steps for a free station of the
+    # next one (``step_queue``); new trials start only while no later step has more waiting than
+    # it has stations, so samples do not pile up in front of a slow station. Every station is
+    # kept busy: the reactor starts the next trial while the station measures the last.
+    def _init_steps(self, runners: list[InstrumentRunner]) -> None:
+        steps = self.spec.steps()
+        self.n_steps = len(steps)
+        self.step_of = {station: k for k, group in enumerate(steps) for inst in group for station in inst.stations}
+        self.takes = {station: set(self.spec.takes(inst)) for inst in self.spec.instruments for station in inst.stations}
+        self.later_free: dict[int, list[InstrumentRunner]] = {
+            k: [r for r in runners if self.step_of[r.instrument.name] == k and r.instrument.name not in self.out]
+            for k in range(1, self.n_steps)}
+        self.step_queue: dict[int, list[int]] = {k: [] for k in range(1, self.n_steps)}
+        self.step_values: dict[int, dict[str, float]] = {}  # trial id -> what its finished steps measured
+        self.step_row: dict[int, int] = {}  # trial id -> the ledger row of its running step
+
+    def _pool(self, station: str) -> list[InstrumentRunner]:
+        """The free list a station goes back to: its step's."""
+        k = self.step_of.get(station, 0)
+        return self.free if k == 0 else self.later_free[k]
+
+    def _sent(self, station: str, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The part of a trial's parameters that ``station`` takes."""
+        if parameters is None or self.n_steps == 1 and len(self.takes.get(station, ())) == len(parameters):
+            return parameters
+        takes = self.takes.get(station)
+        return dict(parameters) if takes is None else {k: v for k, v in parameters.items() if k in takes}
+
+    def _continue_steps(self) -> None:
+        """Trials a stopped run left between two steps (recover_steps finished their last step):
+        each waits for a station of its next step, with what its steps measured so far."""
+        if self.n_steps == 1:
+            return
+        for t in self.ledger.trials(self.cid, ("running",)):
+            rows = self.ledger.steps(t.id)
+            if rows and rows[-1].state == "completed" and rows[-1].step + 1 < self.n_steps:
+                self.in_flight[t.id], self.numbers[t.id] = dict(t.parameters), t.number
+                self.step_values[t.id] = {k: v for r in rows if r.state == "completed" for k, v in r.values.items()}
+                self.step_queue[rows[-1].step + 1].append(t.id)
+
+    def _step_room(self) -> int:
+        """New trials that may start: none while a later step has as many waiting as stations."""
+        room = 1 << 30
+        for k, waiting in self.step_queue.items():
+            stations = sum(1 for r in self.rt.runners if self.step_of[r.instrument.name] == k
+                           and r.instrument.name not in self.out)
+            room = min(room, stations - len(waiting))
+        return max(room, 0)
+
+    def _step_done(self, runner: InstrumentRunner, trial_id: int, outcome: TrialOutcome) -> bool:
+        """Record a finished step; True when the trial goes on to a next step (then it waits for
+        it), False when record() finishes the trial (its last step, a failure, an abandon), with
+        ``outcome.values`` then holding what every step measured."""
+        station = runner.instrument.name
+        k = self.step_of[station]
+        row = self.step_row.pop(trial_id, None)
+        state = "abandoned" if trial_id in self.abandoning else outcome.state
+        if row is not None:
+            self.ledger.finish_step(row, state, outcome.values, outcome.run_uid, outcome.reason)
+        values = {**self.step_values.pop(trial_id, {}), **outcome.values}
+        if state != "completed" or k + 1 == self.n_steps:
+            outcome.values = values
+            return False
+        self.step_values[trial_id] = values
+        self.station.pop(trial_id, None)
+        if station not in self.out:
+            self._pool(station).append(runner)
+        self._station_result(station, failed=False)
+        self.step_queue[k + 1].append(trial_id)
+        self.rt.observer.trial_changed(self.rt, self.numbers[trial_id], "running", f"step {k + 1} done on {station}")
+        return True
+
+    def _advance_steps(self) -> None:
+        """Start the trials waiting for a later step on its free stations (station rules apply
+        with the parameters the station takes; a trial the rules refuse outright is abandoned:
+        its earlier steps ran, so it is not vetoed, and it is not rerun)."""
+        safety = self.spec.safety
+        for k, waiting in self.step_queue.items():
+            while waiting and self.later_free[k]:
+                tid = waiting[0]
+                runner = self.later_free[k][0]
+                if safety.stateful:
+                    station = runner.instrument.name
+                    last, starts = self._step_history(station)
+                    refusal = check_dispatch(self._sent(station, self.in_flight[tid]), station, last, starts,
+                                             safety, utcnow(), self._instrument_of(station))
+                    if refusal is not None and refusal.retry_after is not None:
+                        break
+                    if refusal is not None:
+                        waiting.pop(0)
+                        self._drop(tid, "system", f"step {k + 1} refused by the safety envelope: {refusal}")
+                        continue
+                waiting.pop(0)
+                self.later_free[k].pop(0)
+                self._submit_step(runner, tid, k)
+
+    def _step_history(self, station: str) -> tuple[dict[str, Any] | None, list[Any]]:
+        rows = [r for r in self.ledger.campaign_steps(self.cid) if r.station == station]
+        return (dict(rows[-1].parameters) if rows else None), [r.started_at for r in rows]
+
+    def _submit_step(self, runner: InstrumentRunner, trial_id: int, k: int) -> None:
+        station = runner.instrument.name
+        sent = self._sent(station, self.in_flight[trial_id])
+        number = self.numbers[trial_id]
+        self.step_row[trial_id] = self.ledger.start_step(trial_id, k, station, sent)
+        self.station[trial_id] = runner
+        self.rt.observer.trial_changed(self.rt, number, "running", f"step {k + 1} on {station}")
+        md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id, "trial_number": number,
+              "instrument": station, "parameters": sent, "outcome_keys": runner.instrument.data_keys, "step": k}
+        fut = run_trial.submit(runner, trial_id, sent, md)
+        fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
+
+    def _drop(self, trial_id: int, actor: str, reason: str) -> None:
+        """Abandon a trial waiting between two steps."""
+        for waiting in self.step_queue.values():
+            if trial_id in waiting:
+                waiting.remove(trial_id)
+        self.in_flight.pop(trial_id, None)
+        self.step_values.pop(trial_id, None)
+        number = self.numbers.pop(trial_id)
+        self.ledger.transition(trial_id, "abandoned", actor, f"{reason} (between two of its steps; the "
+                               "steps it had are in the ledger)")
+        self.rt.observer.trial_changed(self.rt, number, "abandoned", reason)
 
     # ---- steps ---------------------------------------------------------------
     def _sync_waiting(self) -> None:
@@ -588,10 +787,14 @@ class _Dispatcher:
         self.station[trial_id] = runner
         if is_manual(runner):
             runner.instrument.device.expect()
+        sent = self._sent(runner.instrument.name, parameters)  # what this station takes, no more
         md = {"campaign": self.spec.name, "campaign_id": self.cid, "trial_id": trial_id,
               "trial_number": trial.number, "instrument": runner.instrument.name,
-              "parameters": parameters, "outcome_keys": runner.instrument.data_keys}
-        fut = run_trial.submit(runner, trial_id, parameters, md)
+              "parameters": sent, "outcome_keys": runner.instrument.data_keys}
+        if self.n_steps > 1:
+            self.step_row[trial_id] = self.ledger.start_step(trial_id, 0, runner.instrument.name, sent)
+            md["step"] = 0
+        fut = run_trial.submit(runner, trial_id, sent, md)
         fut.add_done_callback(lambda f, r=runner, t=trial_id: self.done_q.put((r, t, f)))
 
     def gate(self, trial_id: int, reason: str | None) -> dict[str, Any] | None:
@@ -627,8 +830,8 @@ class _Dispatcher:
         now, refusals = utcnow(), []
         for r in self.free:
             name = r.instrument.name
-            refusal = check_dispatch(point, name, last.get(name), starts.get(name, ()), safety, now,
-                                     self._instrument_of(name))
+            refusal = check_dispatch(self._sent(name, point), name, self._sent(name, last.get(name)),
+                                     starts.get(name, ()), safety, now, self._instrument_of(name))
             if refusal is None:
                 self.free.remove(r)
                 return r
@@ -789,8 +992,10 @@ class _Dispatcher:
             outcome: TrialOutcome = fut.result()
         except Exception as exc:  # the task itself broke: still a recorded failure, never lost
             outcome = TrialOutcome(trial_id, "failed", reason=f"trial task failed: {type(exc).__name__}: {exc}")
+        if self.n_steps > 1 and self._step_done(runner, trial_id, outcome):
+            return  # the trial goes on to its next step
         if runner.instrument.name not in self.out:  # a station out of rotation is given no more trials
-            self.free.append(runner)
+            self._pool(runner.instrument.name).append(runner)
         self.in_flight.pop(trial_id, None)
         self.station.pop(trial_id, None)
         number = self.numbers.pop(trial_id)
@@ -863,10 +1068,14 @@ class _Dispatcher:
             self.expire_waiting()
             # what reached an instrument counts, abandoned trials too (a crash must not buy runs)
             room = self.spec.budget.max_trials - self.ledger.runs_done(self.cid) - len(self.in_flight)
+            if self.n_steps > 1:
+                self._advance_steps()
+                room = min(room, self._step_room())
             stop = self.stop_reason()
             if stop is not None:
                 self._let_go_of_manual()
-            if not self.in_flight and (stop is not None or room <= 0):
+            if not self.in_flight and (stop is not None or room <= 0 and self.n_steps == 1 or
+                                       self.ledger.runs_done(self.cid) >= self.spec.budget.max_trials):
                 return stop or ("finished", "budget of trials spent")
             if stop is None and not self.paused and self.free and room > 0:
                 self.dispatch(room)
@@ -885,7 +1094,7 @@ class _Dispatcher:
             if runner.RE.state != "idle":
                 runner.abort(reason)  # never blocks, even when a device call has the RunEngine stuck
         for trial_id in list(self.in_flight):
-            if is_manual(self.station[trial_id]):
+            if trial_id in self.station and is_manual(self.station[trial_id]):
                 continue
             self.ledger.transition(trial_id, "abandoned", "operator", reason)
 

@@ -240,6 +240,26 @@ class CommandRow(Base):
     outcome: Mapped[str] = mapped_column(Text, default="")
 
 
+class TrialStepRow(Base):
+    """One step of a trial that runs through several instruments in turn (a reactor makes the
+    sample, a characterisation station measures it): which station, the parameters it was sent,
+    when, and what came of it. Written ``running`` before the step's run starts and finished after,
+    so a resumed campaign continues a trial at its next step and never reruns a finished one."""
+
+    __tablename__ = "trial_steps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)  # 0, 1, ... in the campaign file's order of instruments
+    station: Mapped[str] = mapped_column(String(200))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(20))  # running, completed, failed, abandoned
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    run_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class StationEventRow(Base):
     """A station taken out of rotation or brought back: by the system (it failed
     ``out_of_rotation_after`` trials in a row) or an operator (``labpilot retire``/``restore``).
@@ -617,6 +637,37 @@ class Ledger:
             assert row is not None
             for k, v in fields.items():
                 setattr(row, k, v)
+
+    # ---- steps of a trial (instruments in turn) ------------------------------------------
+    def start_step(self, trial_id: int, step: int, station: str, parameters: dict[str, Any]) -> int:
+        """Record that step ``step`` of a trial starts on ``station`` (before its run starts)."""
+        with self._write() as s:
+            row = TrialStepRow(trial_id=trial_id, step=step, station=station, parameters=_jsonable(parameters),
+                               state="running")
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_step(self, step_id: int, state: str, values: dict[str, float] | None = None,
+                    run_uid: str | None = None, reason: str = "") -> None:
+        assert state in ("completed", "failed", "abandoned"), state
+        with self._write() as s:
+            row = s.get(TrialStepRow, step_id)
+            assert row is not None and row.state == "running", "a step is finished once"
+            row.state, row.values, row.run_uid = state, _jsonable(values or {}), run_uid
+            row.reason, row.finished_at = reason, utcnow()
+
+    def steps(self, trial_id: int) -> list[TrialStepRow]:
+        """The trial's steps, in the order they started."""
+        with self._sessions() as s:
+            return list(s.scalars(select(TrialStepRow).where(TrialStepRow.trial_id == trial_id)
+                                  .order_by(TrialStepRow.id)))
+
+    def campaign_steps(self, campaign_id: int) -> list[TrialStepRow]:
+        """Every step of the campaign's trials, in the order they started."""
+        with self._sessions() as s:
+            return list(s.scalars(select(TrialStepRow).join(TrialRow, TrialRow.id == TrialStepRow.trial_id)
+                                  .where(TrialRow.campaign_id == campaign_id).order_by(TrialStepRow.id)))
 
     # ---- stations in and out of rotation ------------------------------------------------
     def set_rotation(self, campaign_id: int, station: str, in_rotation: bool, actor: str, reason: str,

@@ -232,6 +232,10 @@ class InstrumentSpec(_Spec):
     device: str | None = None
     epics: EpicsSpec | None = None
     outcomes: list[str] | None = None
+    parameters: list[str] | None = Field(
+        None, description="the parameters this instrument takes (its setpoints); default: every one. "
+        "Instruments that split the work (a reactor takes the synthesis parameters, a station measures "
+        "the product) are a trial's steps, in the file's order")
     concurrency: int = Field(1, ge=1, le=64, description="identical stations working at once")
     timeout: float = Field(300.0, gt=0, description="seconds one trial may take before it is aborted")
     latency: float = Field(0.0, ge=0, description="simulated seconds per measurement")
@@ -269,8 +273,9 @@ class InstrumentSpec(_Spec):
             raise ValueError(f"a 'kind: {self.kind}' instrument takes '{_KIND_KEY[self.kind]}:', "
                              f"not '{given[0]}:'; write kind: {kind} or give '{_KIND_KEY[self.kind]}:'")
         self.kind = kind
-        if self.device and not self.outcomes:
-            raise ValueError("a 'device' instrument must list the 'outcomes' it measures")
+        if self.device and self.outcomes is None:
+            raise ValueError("a 'device' instrument must list the 'outcomes' it measures ([] when it "
+                             "measures none: a step that only makes the sample)")
         if self.epics is not None:
             if self.outcomes is None:
                 self.outcomes = list(self.epics.results)
@@ -405,6 +410,21 @@ class CampaignSpec(_Spec):
     def outcome_names(self) -> list[str]:
         names = [o.name for o in self.objectives]
         return names + [c.name for c in self.outcome_constraints if c.name not in names]
+
+    def takes(self, inst: InstrumentSpec) -> list[str]:
+        """The campaign's parameters ``inst`` is sent, in the campaign's order."""
+        return [p.name for p in self.parameters if inst.parameters is None or p.name in inst.parameters]
+
+    def steps(self) -> list[list[InstrumentSpec]]:
+        """The steps a trial runs through, in the file's order: instruments that take the same
+        parameters and measure the same objectives and outcome constraints are one step (any
+        of their stations does it); when every instrument does the whole trial there is one step."""
+        needed = self.outcome_names
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[InstrumentSpec]] = {}
+        for inst in self.instruments:
+            measured = tuple(o for o in needed if inst.outcomes is None or o in inst.outcomes)
+            groups.setdefault((tuple(self.takes(inst)), measured), []).append(inst)
+        return list(groups.values())
 
 
 def _pool_instruments(instruments: list[InstrumentSpec]) -> list[tuple[int, Any]]:
@@ -783,6 +803,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
             issues.append(SpecIssue(f"objectives[{i}].name", f"objective {n!r} is listed twice"))
     needed = [n for n in objective_names if n is not None]
     needed += [c.name for c in f.outcome_constraints if c is not None and c.name not in needed]
+    measured_by: dict[str, list[str]] = {}
     for i, inst in enumerate(f.instruments):
         if inst is None:
             continue
@@ -819,7 +840,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         elif inst.epics is not None:
             measured = inst.outcomes or []
             declared = list(inst.epics.parameters)
-            missing = [p for p in known if p not in declared]
+            missing = [p for p in known if p not in declared and (inst.parameters is None or p in inst.parameters)]
             extra = [p for p in declared if p not in known]
             if names is not None and None not in names and missing:
                 issues.append(SpecIssue(f"{where}.epics.parameters", f"campaign parameters {missing} have no "
@@ -831,14 +852,13 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         else:
             measured = inst.outcomes or []
             issues += _check_device(f"{where}.device", inst.device or "")
-        for n in needed:
-            if n not in measured:
-                kind = "objective" if n in objective_names else "outcome constraint"
-                issues.append(SpecIssue(
-                    f"objectives[{objective_names.index(n)}].name" if n in objective_names
-                    else "outcome_constraints",
-                    f"{kind} {n!r} is not measured by instrument {inst.name!r}, which measures "
-                    f"{measured}; name one of those or add an instrument that measures {n!r}"))
+        measured_by[inst.name] = list(measured)
+        unknown = [p for p in inst.parameters or [] if p not in known]
+        if names is not None and None not in names and unknown:
+            issues.append(SpecIssue(f"{where}.parameters", f"{unknown} are not parameters of the campaign "
+                                    f"(it has {known}); name the ones this instrument takes"))
+    issues += _check_steps(f, needed, objective_names, known if names is not None and None not in names
+                           else None, measured_by)
     if not issues and isinstance(spec, CampaignSpec):  # only on a file that is otherwise sound
         issues += _check_pool(spec)
     if isinstance(spec, CampaignSpec):
@@ -853,6 +873,45 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
     for i, n in enumerate(inst_names):
         if n is not None and n in inst_names[:i]:
             issues.append(SpecIssue(f"instruments[{i}].name", f"instrument name {n!r} is used twice"))
+    return issues
+
+
+def _check_steps(f: _Fields, needed: list[str], objective_names: list[str | None], known: list[str] | None,
+                 measured_by: dict[str, list[str]]) -> list[SpecIssue]:
+    """Every objective and outcome constraint is measured by some instrument, every parameter is
+    taken by some instrument, and instruments that split a trial into steps are ones the flow
+    can run as steps (no person among them, yet)."""
+    issues = []
+    insts = [i for i in f.instruments if i is not None]
+    if not insts or len(insts) != len(f.instruments) or len(measured_by) < len({i.name for i in insts}):
+        return issues  # an instrument that could not be read is reported on its own
+    for n in needed:
+        if not any(n in m for m in measured_by.values()):
+            kind = "objective" if n in objective_names else "outcome constraint"
+            issues.append(SpecIssue(
+                f"objectives[{objective_names.index(n)}].name" if n in objective_names else "outcome_constraints",
+                f"{kind} {n!r} is measured by no instrument (they measure {measured_by}); name one of "
+                f"those, or add {n!r} to the 'outcomes' of the instrument that measures it"))
+    if known is None:
+        return issues
+    for j, p in enumerate(known):
+        if not any(i.parameters is None or p in i.parameters for i in insts):
+            issues.append(SpecIssue(f"parameters[{j}]", f"parameter {p!r} is taken by no instrument; add it "
+                                    "to the 'parameters' of the instrument that sets it (an instrument "
+                                    "without 'parameters' takes every one)"))
+    signatures = {(tuple(p for p in known if i.parameters is None or p in i.parameters),
+                   tuple(o for o in needed if o in measured_by.get(i.name, []))) for i in insts}
+    if len(signatures) > 1:
+        for k, inst in enumerate(f.instruments):
+            if inst.kind == "manual":
+                issues.append(SpecIssue(f"instruments[{k}].kind", "the instruments split each trial into "
+                                        "steps (they take or measure different things), and a 'kind: manual' "
+                                        "instrument cannot be a step yet; give it every parameter and outcome, "
+                                        "or use a device for this step"))
+            elif not inst.parameters and inst.parameters is not None and not measured_by.get(inst.name):
+                issues.append(SpecIssue(f"instruments[{k}]", f"instrument {inst.name!r} takes no parameter and "
+                                        "measures no objective or outcome constraint; give it 'parameters' or "
+                                        "'outcomes', or remove it"))
     return issues
 
 

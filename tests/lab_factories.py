@@ -34,3 +34,34 @@ def reactor_with_a_broken_station(name: str):  # noqa: ANN201 - an ophyd device
 
     device.trigger = trigger_unless_broken
     return device
+
+
+def pipeline_station(name: str):  # noqa: ANN201 - an ophyd device
+    """A Branin device for a trial's step that journals (``tests.journal_device``) every setpoint
+    it is sent (``set STATION PARAMETER VALUE``), each run it starts and each it finishes, so a
+    test can hold what reached each station against the ledger. Seconds a measurement takes:
+    ``LABPILOT_TEST_LATENCY_<NAME>`` (``REACTOR``, ``STATION``), else ``LABPILOT_TEST_LATENCY``."""
+    from simulators import Behaviour, load_problem, make_simulated_device
+    from tests.journal_device import journal
+
+    latency = float(os.environ.get(f"LABPILOT_TEST_LATENCY_{name.upper()}",
+                                   os.environ.get("LABPILOT_TEST_LATENCY", "0.2")))
+    device = make_simulated_device(load_problem("branin"), name, Behaviour(latency=latency))
+    for attr in ("x1", "x2"):
+        signal = getattr(device, attr)
+
+        def journaled_set(value, *args, _set=signal.set, _attr=attr, **kwargs):  # noqa: ANN001, ANN202
+            journal(f"set {name} {_attr} {float(value)!r}")
+            return _set(value, *args, **kwargs)
+
+        signal.set = journaled_set
+    trigger = device.trigger
+
+    def journaled_trigger():  # noqa: ANN202 - an ophyd status
+        journal(f"run {name}")
+        status = trigger()
+        status.add_callback(lambda st: journal(f"done {name}") if st.success else None)
+        return status
+
+    device.trigger = journaled_trigger
+    return device

@@ -183,7 +183,7 @@ def test_objective_the_instrument_does_not_measure_names_what_it_measures_and_ex
 
     _assert_clean_bad_input(code, out, err)
     assert "objectives[0].name" in err
-    assert "'purity' is not measured by instrument 'reactor'" in err
+    assert "'purity' is measured by no instrument" in err and "'reactor'" in err
     assert "['y']" in err
 
 
@@ -194,7 +194,7 @@ def test_outcome_constraint_on_an_unmeasured_outcome_is_reported_and_exit_2(writ
 
     _assert_clean_bad_input(code, out, err)
     assert "outcome_constraints" in err
-    assert "'purity' is not measured" in err
+    assert "'purity' is measured by no instrument" in err
 
 
 def test_missing_required_fields_are_each_named_as_required_and_exit_2(write_campaign, capsys):
