@@ -28,7 +28,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT: the campaign resumes with the same command
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Errors are never wrapped: a path or a PV name broken across lines cannot be copied back.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _print_campaign_error(exc: Exception) -> int:
