@@ -234,11 +234,21 @@ class InstrumentSpec(_Spec):
     outcomes: list[str] | None = None
     concurrency: int = Field(1, ge=1, le=64, description="identical stations working at once")
     timeout: float = Field(300.0, gt=0, description="seconds one trial may take before it is aborted")
-    latency: float = Field(0.0, ge=0, description="simulated seconds per measurement")
+    latency: float | tuple[float, float] = Field(
+        0.0, description="simulated seconds per measurement, or [low, high]: drawn uniformly for each one")
     noise: float = Field(0.0, ge=0, description="simulated Gaussian noise (standard deviation)")
     drift: float = Field(0.0, description="simulated drift added per measurement")
     failure_rate: float = Field(0.0, ge=0, le=1)
     hang_rate: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("latency")
+    @classmethod
+    def _latency(cls, v: float | tuple[float, float]) -> float | tuple[float, float]:
+        low, high = (v, v) if isinstance(v, int | float) else v
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low:
+            raise ValueError(f"latency {v!r} must be seconds >= 0, or [low, high] with 0 <= low <= high "
+                             "(e.g. latency: [0.5, 2.0])")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:

@@ -71,7 +71,8 @@ def _hook(method: str, a: str | None, cast: Any) -> Any:
     return putter
 
 
-def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, noise: float = 0.0,
+def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[float, float] = 0.05,
+               noise: float = 0.0,
                drift: float = 0.0, units: dict[str, str] | None = None, seed: int = 0,
                log: str | Path | None = None) -> type:
     """A caproto ``PVGroup`` class serving ``problem`` (a :class:`~simulators.problems.SimProblem`)."""
@@ -168,8 +169,9 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
             await self.busy.write(1)
             await self.error.write("")
             try:
-                if latency:
-                    await asyncio.sleep(latency)
+                seconds = latency if isinstance(latency, int | float) else float(rng.uniform(*latency))
+                if seconds:
+                    await asyncio.sleep(seconds)
                 point = {p.name: float(getattr(self, f"{_attr(p.name)}_rbv").value) for p in numeric}
                 point.update({p.name: getattr(self, f"{_attr(p.name)}_rbv").value for p in categorical})
                 fault = self.fault.value
@@ -235,13 +237,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="sim:", help="PV name prefix (default sim:)")
     p.add_argument("--port", type=int, default=None, help="EPICS_CA_SERVER_PORT (default 5064)")
     p.add_argument("--speed", type=float, default=50.0, help="readback speed, units per second")
-    p.add_argument("--latency", type=float, default=0.05, help="seconds one acquisition takes")
+    p.add_argument("--latency", type=_latency, default=0.05, metavar="S|LOW:HIGH",
+                   help="seconds one acquisition takes, or LOW:HIGH drawn uniformly for each (default 0.05)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on every result")
     p.add_argument("--drift", type=float, default=0.0, help="added to results per acquisition")
     p.add_argument("--units", action="append", default=[], metavar="OUTCOME=UNIT",
                    help="units of a result PV (default a.u.)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="append each acquisition (JSON lines) to this file")
+
+
+def _latency(text: str) -> float | tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        value = (float(low), float(high)) if sep else float(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds (0.5) or LOW:HIGH (0.5:2)") from None
+    lo, hi = value if sep else (value, value)
+    if not (0 <= lo <= hi and math.isfinite(hi)):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be >= 0 and LOW <= HIGH")
+    return value
 
 
 def run_from_args(args: argparse.Namespace) -> int:

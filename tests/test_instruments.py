@@ -492,3 +492,31 @@ def test_experiment_plan_bounds_its_status_waits_without_the_runners_watchdog(re
     stop = _only(docs, "stop")
     assert stop["exit_status"] == "fail"
     assert "moving reactor_x did not finish within 0.3 s" in stop["reason"]
+
+
+
+def test_a_latency_range_draws_each_measurement_time_from_it_reproducibly(monkeypatch):
+    """``latency: [low, high]``: each measurement waits a time drawn uniformly from the range, from
+    the device's seeded generator (the utilisation benchmark's instruments of varying speed)."""
+    import simulators.devices as devices
+
+    waits: list[float] = []
+
+    monkeypatch.setattr(devices, "_wait", waits.append)  # each measurement's time, recorded, not slept
+    problem = load_problem("branin")
+
+    def times(seed: int) -> list[float]:
+        waits.clear()
+        runner, _, _ = _runner(problem, behaviour=Behaviour(latency=(0.5, 2.0), seed=seed))
+        for _ in range(8):
+            runner.run({"x1": 1.0, "x2": 2.0}, {})
+        return list(waits)
+
+    a = times(4)
+    assert len(a) == 8 and all(0.5 <= t <= 2.0 for t in a), a
+    assert len(set(a)) == 8 and max(a) - min(a) > 0.3, a  # drawn for each, not one fixed latency
+    assert times(4) == a and times(5) != a  # the device's seed decides them
+    runner, _, _ = _runner(problem, behaviour=Behaviour(latency=0.25, seed=4))
+    waits.clear()
+    runner.run({"x1": 1.0, "x2": 2.0}, {})
+    assert waits == [0.25]
