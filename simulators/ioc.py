@@ -65,6 +65,9 @@ def _hook(method: str, a: str | None, cast: Any) -> Any:
     ``group.method([a,] value)``."""
 
     async def putter(group, instance, value):
+        if group._journal and a is not None:  # a setpoint: journaled as it arrives, before it acts
+            with open(group._journal, "a") as f:
+                f.write(json.dumps({"pv": instance.pvname, "value": value, "t": time.time()}) + "\n")
         args = (cast(value),) if a is None else (a, cast(value))
         return await getattr(group, method)(*args)
 
@@ -74,8 +77,11 @@ def _hook(method: str, a: str | None, cast: Any) -> Any:
 def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[float, float] = 0.05,
                noise: float = 0.0,
                drift: float = 0.0, units: dict[str, str] | None = None, seed: int = 0,
-               log: str | Path | None = None) -> type:
-    """A caproto ``PVGroup`` class serving ``problem`` (a :class:`~simulators.problems.SimProblem`)."""
+               log: str | Path | None = None, journal: str | Path | None = None) -> type:
+    """A caproto ``PVGroup`` class serving ``problem`` (a :class:`~simulators.problems.SimProblem`).
+
+    ``log``: each acquisition (the readbacks it measured at, the values); ``journal``: every
+    setpoint put the IOC receives, as it arrives (what reached the hardware), one JSON line each."""
     import numpy as np
     from caproto import ChannelType
     from caproto.server import PVGroup, pvproperty
@@ -127,6 +133,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
 
     class Base(PVGroup):
         _generation: dict[str, int] = {}
+        _journal = str(journal) if journal else None
 
         async def _fault(self, name: str) -> bool:
             """Whether fault ``name`` hits now; it clears after ``FAULT_COUNT`` hits (when set)."""
@@ -213,15 +220,30 @@ def serve(problem_name: str, prefix: str = "sim:", port: int | None = None, **op
         os.environ["EPICS_CA_SERVER_PORT"] = str(port)
     from caproto.server import run
 
-    from simulators.problems import load_problem
-
-    problem = load_problem(problem_name)
-    problem.evaluate({p.name: p.lower for p in problem.parameters})  # import the physics before serving
+    problem = _problem(problem_name)
+    # import the physics before serving
+    problem.evaluate({p.name: p.choices[0] if hasattr(p, "choices") else p.lower for p in problem.parameters})
     group = make_group(problem, **options)(prefix=prefix)
     logging.getLogger("caproto.ctx").addFilter(_no_refused_beacons)
     print(f"serving {problem.name} as {prefix}* on 127.0.0.1:{os.environ.get('EPICS_CA_SERVER_PORT', 5064)}",
           flush=True)
     run(group.pvdb, interfaces=["127.0.0.1"], log_pv_names=False)
+
+
+def _problem(name: str) -> Any:
+    """A simulator problem by name, or ``package.module:ATTR`` naming a ``SimProblem`` of your own."""
+    from simulators.problems import ProblemError, load_problem
+
+    if ":" not in name:
+        return load_problem(name)
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        problem = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ProblemError(f"cannot load {name!r}: {exc}; give a problem name or package.module:ATTR") from exc
+    return problem() if callable(problem) else problem
 
 
 def _no_refused_beacons(record: logging.LogRecord) -> bool:
@@ -233,7 +255,8 @@ def _no_refused_beacons(record: logging.LogRecord) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("problem", help="a simulator problem: branin, hartmann6, branincurrin")
+    p.add_argument("problem", help="a simulator problem (branin, hartmann6, branincurrin, ...) or "
+                   "package.module:ATTR naming a SimProblem of your own")
     p.add_argument("--prefix", default="sim:", help="PV name prefix (default sim:)")
     p.add_argument("--port", type=int, default=None, help="EPICS_CA_SERVER_PORT (default 5064)")
     p.add_argument("--speed", type=float, default=50.0, help="readback speed, units per second")
@@ -245,6 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="units of a result PV (default a.u.)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="append each acquisition (JSON lines) to this file")
+    p.add_argument("--journal", default=None,
+                   help="append every setpoint put the IOC receives (JSON lines) to this file")
 
 
 def _latency(text: str) -> float | tuple[float, float]:
@@ -262,7 +287,8 @@ def _latency(text: str) -> float | tuple[float, float]:
 def run_from_args(args: argparse.Namespace) -> int:
     units = dict(u.split("=", 1) for u in args.units)
     serve(args.problem, args.prefix, args.port, speed=args.speed, latency=args.latency, noise=args.noise,
-          drift=args.drift, units=units, seed=args.seed, log=args.log)
+          drift=args.drift, units=units, seed=args.seed, log=args.log,
+          journal=args.journal)
     return 0
 
 
