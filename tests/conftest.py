@@ -16,6 +16,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 
+# Before any test module imports pyepics: the Channel Access ports of this run's IOCs, on loopback.
+import tests.epics_ports  # noqa: E402, F401
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -5,25 +5,21 @@ reasons, and EPICS base's own soft IOC (pvxslibs)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from simulators.ioc import LOOPBACK_ENV, free_port
+import pytest
 
-# Before anything imports pyepics: search only the two IOCs of this module, on this host.
-PORT, SOFT_PORT = free_port(), free_port()
-os.environ.update(LOOPBACK_ENV)
-os.environ["EPICS_CA_ADDR_LIST"] = f"127.0.0.1:{PORT} 127.0.0.1:{SOFT_PORT}"
+from orchestrator.cli import main
+from orchestrator.ledger import Ledger, sqlite_url
+from simulators.ioc import LOOPBACK_ENV, free_port, pv_answers, start_ioc
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from orchestrator.cli import main  # noqa: E402
-from orchestrator.ledger import Ledger, sqlite_url  # noqa: E402
-from simulators.ioc import pv_answers, start_ioc  # noqa: E402
-from tests.test_control import Running, until  # noqa: E402
+# this run's IOC ports (tests/conftest.py set the loopback environment before any test module loaded)
+from tests.epics_ports import SIM as PORT
+from tests.epics_ports import SOFT as SOFT_PORT
+from tests.test_control import Running, until
 
 HERE = Path(__file__).parent
 
