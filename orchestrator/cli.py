@@ -337,12 +337,9 @@ def _fmt(v: Any) -> str:
 
 
 def _known_optimum(spec) -> dict[str, float]:  # noqa: ANN001
-    inst = spec.instruments[0]
-    if inst.kind not in ("simulator", "dataset"):  # hardware or a person: no known optimum
-        return {}
-    from simulators import load_problem
+    from orchestrator.rehearsal import known_optimum  # hardware, a person, an emulator: none
 
-    return load_problem(inst.simulator, inst.dataset).optimum
+    return known_optimum(spec)
 
 
 # ---- status and export -----------------------------------------------------------

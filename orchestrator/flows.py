@@ -150,7 +150,7 @@ def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner
         for lane in range(inst.concurrency):
             name = inst.name if inst.concurrency == 1 else f"{inst.name}-{lane + 1}"
             device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners),
-                                            parameters=spec.parameters)
+                                            parameters=spec.parameters, spec=spec)
             timeout = inst.timeout
             if inst.kind == "manual" and "timeout" not in inst.model_fields_set:
                 from instruments.manual import MANUAL_TIMEOUT
@@ -170,7 +170,8 @@ def is_manual(runner: InstrumentRunner) -> bool:
     return isinstance(runner.instrument.device, ManualInstrumentBase)
 
 
-def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[Any] = ()) -> tuple[Any, list[str]]:
+def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[Any] = (),
+                 spec: CampaignSpec | None = None) -> tuple[Any, list[str]]:
     if inst.kind == "manual":
         from instruments.manual import make_manual_device
 
@@ -187,9 +188,10 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[An
         module, _, attr = inst.device.partition(":")
         factory = getattr(importlib.import_module(module), attr)
         return factory(name=name.replace("-", "_")), list(inst.outcomes or [])
-    from simulators import Behaviour, load_problem, make_simulated_device
+    from orchestrator.rehearsal import simulated_problem
+    from simulators import Behaviour, make_simulated_device
 
-    problem = load_problem(inst.simulator, inst.dataset)
+    problem = simulated_problem(inst, spec, seed)
     behaviour = Behaviour(latency=inst.latency, noise=inst.noise, drift=inst.drift,
                           failure_rate=inst.failure_rate, hang_rate=inst.hang_rate, seed=seed)
     device = make_simulated_device(problem, name.replace("-", "_"), behaviour)
@@ -320,13 +322,10 @@ class CampaignRuntime:
 
     def _reference_point(self) -> list[float] | None:
         # A simulator with a published reference point gives comparable hypervolumes.
-        from simulators import load_problem
+        from orchestrator.rehearsal import known_optimum
 
-        inst = self.spec.instruments[0]
-        if inst.kind not in ("simulator", "dataset"):
-            return None
-        sim = load_problem(inst.simulator, inst.dataset)
-        refs = [sim.optimum.get(f"ref_{o.name}") for o in self.spec.objectives]
+        optimum = known_optimum(self.spec)
+        refs = [optimum.get(f"ref_{o.name}") for o in self.spec.objectives]
         return None if any(r is None for r in refs) else refs  # type: ignore[return-value]
 
     def recover(self) -> None:

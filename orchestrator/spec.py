@@ -210,13 +210,52 @@ class EpicsSpec(_Spec):
         return name if name.startswith(self.prefix) else self.prefix + name
 
 
-INSTRUMENT_KINDS = ("simulator", "dataset", "ophyd", "epics", "manual")
-_KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "ophyd": "device", "epics": "epics"}
+class MappedSimulator(_Spec):
+    """A test function rehearsing the campaign under its own names (``simulators.rehearsal``):
+    ``{problem: hartmann6, map: {temperature: x1, ...}, fixed: {x6: 0.2}, outcomes: {yield: y}}``.
+
+    Each campaign parameter is scaled from its bounds onto its input's; inputs left out of
+    ``map`` are held at ``fixed`` (default: the middle of their bounds); each campaign outcome
+    is the problem outcome named, negated where the campaign's goal is the opposite one."""
+
+    problem: str = Field(min_length=1, description="an analytic problem: branin, hartmann6, ...")
+    map: dict[str, str] = Field(min_length=1, description="campaign parameter -> problem input")
+    fixed: dict[str, float] = Field(default_factory=dict, description="problem input -> held value")
+    outcomes: dict[str, str] | None = Field(None, description="campaign outcome -> problem outcome; "
+                                            "default: the problem's outcomes under their own names")
+
+
+class EmulatorSpec(_Spec):
+    """A model fitted to past experiments stands in for the instrument (``orchestrator.rehearsal``):
+    a CSV ``table`` whose columns are named as the campaign's parameters and outcomes, or the
+    completed trials of a past campaign in a ``ledger`` (its directory or store URL; ``campaign``
+    names it when the ledger holds several). Fitted once when the campaign starts; each
+    measurement is a draw from the model's predictive distribution (``noise: false``: its mean)."""
+
+    table: str | None = Field(None, min_length=1, description="a CSV file, relative to the campaign file")
+    ledger: str | None = Field(None, min_length=1, description="a campaign directory or a store URL")
+    campaign: str | None = Field(None, min_length=1, description="the past campaign's name in 'ledger'")
+    model: Literal["gp", "ensemble"] = Field("gp", description="'gp' (ExactGP) or 'ensemble' (DeepEnsemble)")
+    noise: bool = Field(True, description="sample the predictive distribution; false: its mean")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EmulatorSpec:
+        if (self.table is None) == (self.ledger is None):
+            raise ValueError("give the emulator exactly one of 'table: FILE.csv' or 'ledger: DIR-or-URL'")
+        if self.campaign is not None and self.ledger is None:
+            raise ValueError("'campaign' names a campaign in a 'ledger'; a 'table' has none, remove it")
+        return self
+
+
+INSTRUMENT_KINDS = ("simulator", "dataset", "emulator", "ophyd", "epics", "manual")
+_KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "emulator": "emulator", "ophyd": "device",
+             "epics": "epics"}
 
 
 class InstrumentSpec(_Spec):
-    """One instrument: a simulator (``simulator`` or ``dataset``), a real ophyd ``device``, an
-    EPICS instrument declared in the file (``epics``), or a person (``kind: manual``).
+    """One instrument: a simulator (``simulator``, mapped or not, or ``dataset``), a model of past
+    experiments (``emulator``), a real ophyd ``device``, an EPICS instrument declared in the file
+    (``epics``), or a person (``kind: manual``).
 
     ``device`` is an import path ``package.module:factory``; the factory returns an
     ophyd device with one settable signal per parameter and one readable signal
@@ -224,11 +263,12 @@ class InstrumentSpec(_Spec):
     """
 
     name: str = Field(pattern=r"^[A-Za-z_][\w-]*$")
-    kind: Literal["simulator", "dataset", "ophyd", "epics", "manual"] | None = Field(
-        None, description="'simulator', 'dataset', 'ophyd' (a 'device' factory), 'epics' (an 'epics' "
-        "block) or 'manual' (a person measures and tells the result); default: the key given")
-    simulator: str | None = None
+    kind: Literal["simulator", "dataset", "emulator", "ophyd", "epics", "manual"] | None = Field(
+        None, description="'simulator', 'dataset', 'emulator', 'ophyd' (a 'device' factory), 'epics' (an "
+        "'epics' block) or 'manual' (a person measures and tells the result); default: the key given")
+    simulator: str | MappedSimulator | None = None
     dataset: str | None = None
+    emulator: EmulatorSpec | None = None
     device: str | None = None
     epics: EpicsSpec | None = None
     outcomes: list[str] | None = None
@@ -252,7 +292,7 @@ class InstrumentSpec(_Spec):
 
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:
-        given = [k for k in ("simulator", "dataset", "device", "epics") if getattr(self, k)]
+        given = [k for k in ("simulator", "dataset", "emulator", "device", "epics") if getattr(self, k)]
         if self.kind == "manual":
             if given:
                 raise ValueError(f"a 'kind: manual' instrument is a person: remove {given}")
@@ -261,8 +301,9 @@ class InstrumentSpec(_Spec):
             return self
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'simulator: branin|hartmann6|branincurrin', "
-                "'dataset: <folder>', 'device: package.module:factory' or an 'epics:' block "
+                "give exactly one of 'simulator: branin|hartmann6|branincurrin' (or 'simulator: "
+                "{problem: .., map: {..}}'), 'dataset: <folder>', 'emulator: {table: FILE.csv}', "
+                "'device: package.module:factory' or an 'epics:' block "
                 f"(got {given or 'none'})")
         kind = next(k for k, key in _KIND_KEY.items() if key == given[0])
         if self.kind is not None and self.kind != kind:
@@ -782,7 +823,15 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         if inst is None:
             continue
         where = f"instruments[{i}]"
-        if inst.simulator or inst.dataset:
+        if isinstance(inst.simulator, MappedSimulator) or inst.emulator is not None:
+            from orchestrator.rehearsal import check_rehearsal
+
+            found, rehearsed = check_rehearsal(inst, where, f, needed, base_dir)
+            issues += found
+            if rehearsed is None:
+                continue
+            measured = rehearsed
+        elif inst.simulator or inst.dataset:
             from simulators.problems import ProblemError, load_problem
 
             dataset = inst.dataset
