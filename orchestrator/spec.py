@@ -252,6 +252,10 @@ _KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "emulator": "emulat
              "epics": "epics"}
 
 
+#: fields that only a simulated instrument (simulator, dataset, emulator) has
+_SIMULATED_BEHAVIOUR = ("latency", "noise", "drift", "failure_rate", "hang_rate")
+
+
 class InstrumentSpec(_Spec):
     """One instrument: a simulator (``simulator``, mapped or not, or ``dataset``), a model of past
     experiments (``emulator``), a real ophyd ``device``, an EPICS instrument declared in the file
@@ -310,6 +314,15 @@ class InstrumentSpec(_Spec):
             raise ValueError(f"a 'kind: {self.kind}' instrument takes '{_KIND_KEY[self.kind]}:', "
                              f"not '{given[0]}:'; write kind: {kind} or give '{_KIND_KEY[self.kind]}:'")
         self.kind = kind
+        simulated = [k for k in _SIMULATED_BEHAVIOUR if k in self.model_fields_set]
+        if simulated and kind in ("ophyd", "epics"):
+            raise ValueError(f"{simulated} describe a simulated instrument; a 'kind: {kind}' instrument is "
+                             "real hardware and would ignore them: remove them (rehearse on a 'simulator:' "
+                             "instrument to try noise, latency or faults)")
+        if kind == "epics" and self.concurrency > 1:
+            raise ValueError(f"concurrency {self.concurrency} would make {self.concurrency} stations write the "
+                             "same PVs at once; declare one 'kind: epics' instrument per IOC (each its own "
+                             "'epics.prefix') instead")
         if self.device and not self.outcomes:
             raise ValueError("a 'device' instrument must list the 'outcomes' it measures")
         if self.epics is not None:

@@ -90,6 +90,15 @@ MALFORMED = [
     ("budget NaN trials", _with("{max_trials: 4}", "{max_trials: .nan}"), "budget.max_trials"),
     ("constraint rhs inf", BASE + "constraints: ['x1 + x2 <= .inf']\n", "constraints[0]"),
     ("latency inf", _with("simulator: branin}", "simulator: branin, latency: .inf}"), "instruments[0].latency"),
+    ("noise on real hardware", _with("{name: reactor, simulator: branin}",
+                                     "{name: reactor, device: 'tests.lab_factories:bench', outcomes: [y], "
+                                     "noise: 0.1}"), "instruments[0]"),
+    ("latency on an epics instrument", _with("{name: reactor, simulator: branin}",
+                                             "{name: reactor, latency: 1, epics: {parameters: {x1: x1, x2: x2}, "
+                                             "results: {y: y}}}"), "instruments[0]"),
+    ("two stations on one IOC's PVs", _with("{name: reactor, simulator: branin}",
+                                            "{name: reactor, concurrency: 2, epics: {parameters: {x1: x1, x2: x2}, "
+                                            "results: {y: y}}}"), "instruments[0]"),
     ("latency negative", _with("simulator: branin}", "simulator: branin, latency: -1}"), "instruments[0].latency"),
     ("latency range reversed", _with("simulator: branin}", "simulator: branin, latency: [2, 1]}"),
      "instruments[0].latency"),
