@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from instruments import Instrument, InstrumentRunner, InstrumentTimeout, MeasurementError
+from instruments.runner import INTERLOCK_ERRORS
 from orchestrator.approval import waits_because
 from orchestrator.control import Applier
 from orchestrator.learning import CampaignStream, LiveModels
@@ -124,11 +126,12 @@ class TrialOutcome:
     """What a run-trial task hands back to the flow."""
 
     trial_id: int
-    state: str  # "completed" or "failed"
+    state: str  # "completed", "failed", or "abandoned" (an interlock kept it from being measured)
     values: dict[str, float] = field(default_factory=dict)
     run_uid: str | None = None
     reason: str = ""
     seconds: float = 0.0
+    units: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,8 +146,12 @@ class CampaignResult:
     timings: dict[str, list[float]]
 
 
-def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner]:
-    """One runner (one RunEngine) per instrument station; ``concurrency: k`` makes k stations."""
+def build_runners(spec: CampaignSpec, on_document=None, on_event=None) -> list[InstrumentRunner]:
+    """One runner (one RunEngine) per instrument station; ``concurrency: k`` makes k stations.
+    Each station gets its own interlocks (``suspend_when``); ``on_event(kind, body)`` hears of
+    their suspensions and of failed read attempts (:class:`InstrumentRunner`)."""
+    from instruments.binding import RetryPolicy
+
     runners = []
     for inst in spec.instruments:
         for lane in range(inst.concurrency):
@@ -157,10 +164,22 @@ def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner
 
                 timeout = MANUAL_TIMEOUT  # a person's measurement takes what it takes
             runners.append(InstrumentRunner(
-                Instrument(name=name, device=device, outcomes=outcomes, timeout=timeout),
-                on_document=on_document,
+                Instrument(name=name, device=device, outcomes=outcomes, timeout=timeout,
+                           units=inst.declared_units(), retry=RetryPolicy(inst.retry.reads, inst.retry.delay)),
+                on_document=on_document, interlocks=_interlocks(inst), on_event=on_event,
             ))
     return runners
+
+
+def _interlocks(inst: InstrumentSpec) -> list[Any]:
+    """The instrument's ``suspend_when`` as interlocks on EPICS PVs (connected, or refused)."""
+    if not inst.suspend_when:
+        return []
+    from instruments.interlock import epics_interlock  # sets the loopback EPICS environment first
+
+    wait = inst.epics.connection_timeout if inst.epics is not None else 5.0
+    return [epics_interlock(i.pv, i.min, i.max, resume_after=i.resume_after, max_wait=i.max_wait,
+                            connection_timeout=wait) for i in inst.suspend_when]
 
 
 def is_manual(runner: InstrumentRunner) -> bool:
@@ -181,7 +200,8 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[An
         # imported here: it sets the loopback EPICS environment before pyepics loads
         from instruments.epics import make_epics_device
 
-        return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters)), list(inst.outcomes or [])
+        return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters), units=inst.units), \
+            list(inst.outcomes or [])
     if inst.device:
         import importlib
 
@@ -219,13 +239,15 @@ def run_trial(runner: InstrumentRunner, trial_id: int, parameters: dict[str, Any
     t0 = time.perf_counter()
     try:
         obs, _docs = runner.run(parameters, md)
+    except INTERLOCK_ERRORS as exc:  # not the point's fault: no outcome, and nothing to learn
+        return TrialOutcome(trial_id, "abandoned", reason=str(exc), seconds=time.perf_counter() - t0)
     except InstrumentTimeout as exc:
         return TrialOutcome(trial_id, "failed", reason=str(exc), seconds=time.perf_counter() - t0)
     except MeasurementError as exc:
         return TrialOutcome(trial_id, "failed", reason=f"measurement failed: {exc}",
                             seconds=time.perf_counter() - t0)
     return TrialOutcome(trial_id, "completed", values=obs.values, run_uid=obs.run_uid,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, units=dict(obs.units))
 
 
 class CampaignRuntime:
@@ -292,7 +314,8 @@ class CampaignRuntime:
         self.ledger.update_campaign(self.campaign_id, stream_address=self.stream.subscribe_address)
         # the ledger's journal first: a document is recorded before anyone else sees it
         callbacks = [DocumentJournal(self.ledger), self.stream.on_document] + ([on_document] if on_document else [])
-        self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
+        self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks],
+                                     on_event=self._instrument_event)
         self.models: LiveModels | None = None
         if settings.trainer != "off" and getattr(self.planner, "accepts_surrogates", False):
             self.models = LiveModels(self.stream, self.problem, self.output_dir, settings.trainer,
@@ -303,8 +326,24 @@ class CampaignRuntime:
         self.timings: dict[str, list[float]] = {"propose": [], "instrument": [], "overhead": []}
         self.stop_requested = threading.Event()
 
+    def _instrument_event(self, kind: str, body: dict[str, Any]) -> None:
+        """A runner's news (an interlock tripped or cleared, a read attempt failed), into the
+        ledger, which tells the stream."""
+        at = datetime.fromtimestamp(body["at"], UTC)
+        if kind == "suspension" and body["what"] == "tripped":
+            self.ledger.record_suspension(self.campaign_id, body["instrument"], body["pv"], body["allowed"],
+                                          body["value"], body["trial_id"], at)
+        elif kind == "suspension":
+            self.ledger.clear_suspension(self.campaign_id, body["instrument"], body["pv"], body["value"], at,
+                                         body["resume_after"])
+        elif kind == "retry":
+            self.ledger.record_retry(self.campaign_id, body["trial_id"], body["instrument"], body["step"],
+                                     body["attempt"], body["of"], body["error"], at)
+
     def close(self) -> None:
         """Stop the trainer and the stream and let go of the campaign (the ledger stays open)."""
+        for runner in getattr(self, "runners", []):
+            runner.close()  # its interlocks stop reporting into this campaign
         if self.models is not None:
             self.models.stop()
         self.stream.stop()
@@ -354,7 +393,7 @@ class CampaignRuntime:
                     except MeasurementError as exc:
                         self.ledger.transition(t.id, "failed", "system", f"measurement failed: {exc}")
                         continue
-                    self.ledger.complete(t.id, obs.values, obs.run_uid, reason=(
+                    self.ledger.complete(t.id, obs.values, obs.run_uid, units=obs.units, reason=(
                         "measured; recorded on resume from the run's documents (the campaign stopped "
                         "after the measurement)"))
                 else:
@@ -723,9 +762,12 @@ class _Dispatcher:
             self.ledger.transition(trial_id, "abandoned", "operator", f"{reason} (its run was aborted)")
             self.rt.observer.trial_changed(self.rt, number, "abandoned", reason)
         elif outcome.state == "completed":
-            self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
+            self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "", units=outcome.units)
             self.consecutive_failures = 0
             self.rt.observer.trial_changed(self.rt, number, "completed", _fmt(outcome.values))
+        elif outcome.state == "abandoned":  # an interlock kept it from being measured
+            self.ledger.transition(trial_id, "abandoned", "system", outcome.reason)
+            self.rt.observer.trial_changed(self.rt, number, "abandoned", outcome.reason)
         else:
             self.ledger.transition(trial_id, "failed", "system", outcome.reason)
             self.consecutive_failures += 1

@@ -178,7 +178,8 @@ class EpicsTrigger(_Spec):
 
 
 class EpicsResult(_Spec):
-    """One outcome's result PV; ``units`` default to the PV's own (its metadata)."""
+    """One outcome's result PV; ``units`` default to the PV's own (its EGU). Where both are given
+    and differ, the instrument is refused when it connects (no silent mix of mW and W)."""
 
     pv: str = Field(min_length=1)
     units: str | None = None
@@ -208,6 +209,58 @@ class EpicsSpec(_Spec):
 
     def pv(self, name: str) -> str:
         return name if name.startswith(self.prefix) else self.prefix + name
+
+
+class InterlockSpec(_Spec):
+    """One entry of an instrument's ``suspend_when``: an EPICS PV (a temperature, a pressure)
+    and its allowed range, ``min <= value <= max`` (either bound may be left out). Out of range,
+    the instrument's run is suspended (bluesky's ``SuspendFloor``/``SuspendCeil`` on its
+    RunEngine); back in range, it goes on ``resume_after`` seconds later. The PV name is used as
+    written (an ``epics:`` block's ``prefix`` does not apply: an interlock is often another IOC's).
+    """
+
+    pv: str = Field(min_length=1, description="the PV watched, e.g. 'chiller:temperature'")
+    min: float | None = Field(None, allow_inf_nan=False, description="the lowest allowed value")
+    max: float | None = Field(None, allow_inf_nan=False, description="the highest allowed value")
+    resume_after: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                description="seconds to wait, once back in range, before the run goes on")
+    max_wait: float = Field(3600.0, gt=0, allow_inf_nan=False,
+                            description="seconds one trial may wait for the PV to come back; then that "
+                            "trial is abandoned (not failed: its point is not at fault)")
+
+    @model_validator(mode="after")
+    def _a_range(self) -> InterlockSpec:
+        if self.min is None and self.max is None:
+            raise ValueError(f"give the allowed range of {self.pv!r}: 'min', 'max' or both "
+                             f"(e.g. {{pv: {self.pv!r}, min: 10, max: 80}})")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError(f"min {self.min:g} is not below max {self.max:g}; swap them or widen the range")
+        return self
+
+
+class RetrySpec(_Spec):
+    """How an instrument's trial retries what can be done again without using material twice:
+    the reading of its results (a read that timed out, a PV that dropped and came back). The
+    acquisition (trigger) and the moves are never retried: a second acquisition, or a second put
+    of a setpoint on a pump, could use material again; a failure there fails the trial."""
+
+    reads: int = Field(3, ge=1, le=20, description="attempts at reading the results (1: no retry)")
+    delay: float = Field(0.5, ge=0, le=600, allow_inf_nan=False, description="seconds between attempts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_reads(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unsafe = [k for k in v if k in ("acquire", "acquisitions", "trigger", "triggers", "moves", "move",
+                                            "trials", "trial")]
+            if unsafe:
+                raise ValueError(f"{unsafe[0]!r} cannot be retried: a second acquisition or move could use "
+                                 "material again, so only 'reads' (and their 'delay') are; remove it")
+        return v
+
+
+#: the kinds whose RunEngine talks to real hardware, where an EPICS interlock can be watched
+INTERLOCK_KINDS = ("epics", "ophyd")
 
 
 class MappedSimulator(_Spec):
@@ -284,6 +337,20 @@ class InstrumentSpec(_Spec):
     drift: float = Field(0.0, description="simulated drift added per measurement")
     failure_rate: float = Field(0.0, ge=0, le=1)
     hang_rate: float = Field(0.0, ge=0, le=1)
+    units: dict[str, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict, description="units of each outcome, e.g. {yield: '%'}; an EPICS result's "
+        "default to its PV's own, and a PV that says otherwise is refused")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="retries of a trial's reads, e.g. "
+                             "{reads: 3, delay: 0.5}; never of its acquisition")
+    suspend_when: list[InterlockSpec] = Field(
+        default_factory=list, description="interlocks (kind epics or ophyd): e.g. [{pv: 'chiller:T', "
+        "min: 10, max: 80, resume_after: 2}] suspends the run while the PV is out of range")
+
+    def declared_units(self) -> dict[str, str]:
+        """Outcome -> the units the file gives it (``units``, or an EPICS result's ``units``)."""
+        out = {o: r.units for o, r in (self.epics.results.items() if self.epics else ()) if r.units}
+        out.update(self.units)
+        return out
 
     @field_validator("latency")
     @classmethod
@@ -888,6 +955,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         else:
             measured = inst.outcomes or []
             issues += _check_device(f"{where}.device", inst.device or "")
+        issues += _check_units_and_interlocks(where, inst, measured)
         for n in needed:
             if n not in measured:
                 kind = "objective" if n in objective_names else "outcome constraint"
@@ -969,6 +1037,30 @@ def _check_envelope(f: _Fields, known: list[str], by_name: dict[str, Parameter])
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                 issues.append(SpecIssue(where, f"write a whole number of trials of at least 1 per hour "
                                         f"per station (got {r!r})"))
+    return issues
+
+
+def _check_units_and_interlocks(where: str, inst: InstrumentSpec, measured: list[str]) -> list[SpecIssue]:
+    """An instrument's ``units`` name outcomes it measures, once; its ``suspend_when`` is for a
+    kind whose RunEngine drives real hardware, one entry per PV."""
+    issues = []
+    if inst.suspend_when and inst.kind not in INTERLOCK_KINDS:
+        issues.append(SpecIssue(f"{where}.suspend_when", f"an interlock watches an EPICS PV beside real "
+                                f"hardware: it is for 'kind: epics' or 'kind: ophyd', not {inst.kind!r}; "
+                                "remove it (a simulator has no temperature to watch)"))
+    pvs = [i.pv for i in inst.suspend_when]
+    for j, pv in enumerate(pvs):
+        if pv in pvs[:j]:
+            issues.append(SpecIssue(f"{where}.suspend_when[{j}].pv", f"{pv!r} is watched twice; give its "
+                                    "allowed range once, with both 'min' and 'max'"))
+    for o, u in inst.units.items():
+        declared = inst.epics.results[o].units if inst.epics is not None and o in inst.epics.results else None
+        if o not in measured:
+            issues.append(SpecIssue(f"{where}.units.{o}", f"instrument {inst.name!r} does not measure {o!r} "
+                                    f"(it measures {measured}); name one of those"))
+        elif declared is not None and declared != u:
+            issues.append(SpecIssue(f"{where}.units.{o}", f"says {u!r} but epics.results.{o}.units says "
+                                    f"{declared!r}; give the units once"))
     return issues
 
 

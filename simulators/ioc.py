@@ -6,6 +6,7 @@ serves, for each parameter ``NAME`` of the problem:
 - ``{prefix}NAME``         the setpoint; a put completes when the readback has arrived
 - ``{prefix}NAME:RBV``     the readback, moving towards the setpoint at ``--speed`` units/s
 - ``{prefix}NAME:MOVING``  1 while moving
+- ``{prefix}SPEED``        the readbacks' speed in units/s (``--speed``; writable)
 
 and for the measurement:
 
@@ -13,12 +14,15 @@ and for the measurement:
 - ``{prefix}BUSY``     1 while measuring
 - ``{prefix}OUTCOME``  one result PV per outcome (with units), plus noise and drift
 - ``{prefix}COUNT``    advances after each measurement (a fresh result, not a stale one)
+- ``{prefix}TRIGGERS`` advances with each acquisition asked for (ACQUIRE written), failed ones too
+- ``{prefix}temperature``  a writable interlock PV (degC, 20 at start) for ``suspend_when``
 - ``{prefix}ERROR``    why the last acquisition failed ('' when it did not)
 - ``{prefix}FAULT_COUNT``  how many moves or acquisitions the fault hits before it clears
   itself (0: until FAULT is written again)
 - ``{prefix}FAULT``    ``none``, ``hang_move`` (moves never finish), ``nan`` (NaN results),
   ``acquire_error`` (the acquisition fails), ``disconnect`` (the IOC stops answering for
-  ``{prefix}FAULT_SECONDS`` seconds)
+  ``{prefix}FAULT_SECONDS`` seconds), ``read_error`` (after an acquisition, a read of a result PV
+  is refused; its monitors go on)
 
 :func:`start_ioc` runs it in a subprocess with the loopback environment and its own port.
 """
@@ -42,7 +46,7 @@ from typing import Any
 
 from instruments.epics_env import LOOPBACK_ENV
 
-FAULTS = ["none", "hang_move", "nan", "acquire_error", "disconnect"]
+FAULTS = ["none", "hang_move", "nan", "acquire_error", "disconnect", "read_error"]
 STEP_S = 0.02  # how often a moving readback is updated
 
 
@@ -109,10 +113,21 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
         attrs[f"{a}_rbv"] = pvproperty(value=str(p.choices[0]), name=f"{p.name}:RBV", dtype=ChannelType.STRING,
                                        read_only=True)
         attrs[a] = attrs[a].putter(_hook("_set_choice", a, str))
+    async def result_getter(group, instance):
+        # armed by an acquisition: a client's reads when it connects are not the ones to refuse
+        if group._reads_armed and await group._fault("read_error"):
+            raise RuntimeError("simulated read fault")
+        return None  # the value as it is
+
     for o in problem.outcomes:
         attrs[f"r_{_attr(o)}"] = pvproperty(value=math.nan, name=o, read_only=True, precision=5,
-                                            units=units.get(o, "a.u."), doc=f"result {o}")
+                                            units=units.get(o, "a.u."), doc=f"result {o}").getter(result_getter)
     attrs["count"] = pvproperty(value=0, name="COUNT", read_only=True, doc="acquisitions finished")
+    attrs["speed"] = pvproperty(value=float(speed), name="SPEED", doc="readback speed, units per second")
+    attrs["triggers"] = pvproperty(value=0, name="TRIGGERS", read_only=True,
+                                   doc="acquisitions asked for, failed ones included")
+    attrs["temperature"] = pvproperty(value=20.0, name="temperature", precision=2, units="degC",
+                                      doc="an interlock PV: write it out of range to trip a suspend_when")
     attrs["busy"] = pvproperty(value=0, name="BUSY", read_only=True, doc="1 while acquiring")
     attrs["error"] = pvproperty(value="", name="ERROR", dtype=ChannelType.STRING, read_only=True)
     attrs["fault"] = pvproperty(value="none", name="FAULT", dtype=ChannelType.ENUM, enum_strings=FAULTS)
@@ -123,6 +138,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
         _hook("_acquire", None, int))
 
     async def fault_putter(group, instance, value):
+        group._reads_armed = False
         if value == "disconnect":
             await group.fault.write("none")  # written before the freeze, so it is not stuck on
             group._disconnect(float(group.fault_seconds.value))
@@ -134,6 +150,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
     class Base(PVGroup):
         _generation: dict[str, int] = {}
         _journal = str(journal) if journal else None
+        _reads_armed = False  # a 'read_error' fault hits the reads after an acquisition
 
         async def _fault(self, name: str) -> bool:
             """Whether fault ``name`` hits now; it clears after ``FAULT_COUNT`` hits (when set)."""
@@ -157,7 +174,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
                     return target
                 while self._generation[a] == generation:  # a newer move takes over
                     current = float(rbv.value)
-                    step = max(speed, 1e-9) * STEP_S
+                    step = max(float(self.speed.value), 1e-9) * STEP_S
                     if abs(target - current) <= step:
                         await rbv.write(target)
                         break
@@ -173,6 +190,9 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[floa
             return value
 
         async def _acquire(self, value: Any) -> Any:
+            await self.triggers.write(int(self.triggers.value) + 1)
+            if self.fault.value == "read_error":
+                self._reads_armed = True
             await self.busy.write(1)
             await self.error.write("")
             try:
