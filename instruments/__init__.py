@@ -12,8 +12,10 @@ _HOME = {
     "Instrument": "instruments.binding", "MeasurementError": "instruments.binding",
     "Observation": "instruments.binding", "experiment_plan": "instruments.binding",
     "outcome_keys": "instruments.binding", "read_observation": "instruments.binding",
-    "signal_attr": "instruments.binding",
+    "signal_attr": "instruments.binding", "RetryPolicy": "instruments.binding",
+    "AcquisitionInterrupted": "instruments.binding",
     "InstrumentRunner": "instruments.runner", "InstrumentTimeout": "instruments.runner",
+    "InterlockHeld": "instruments.runner",
 }
 __all__ = sorted(_HOME)
 

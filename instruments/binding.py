@@ -13,7 +13,7 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from bluesky.run_engine import WaitForTimeoutError
-from bluesky.utils import FailedStatus, Msg, short_uid
+from bluesky.utils import FailedPause, FailedStatus, Msg, RunEngineControlException, short_uid
 
 Documents = list[tuple[str, dict[str, Any]]]
 PlanFactory = Callable[[Any, dict[str, Any], dict[str, Any]], Generator[Msg, Any, Any]]
@@ -23,13 +23,43 @@ class MeasurementError(RuntimeError):
     """A run finished without the outcomes the campaign needs (failed, aborted, or incomplete)."""
 
 
+class AcquisitionInterrupted(MeasurementError):
+    """An interlock suspended the run while its acquisition was under way: the reading is not
+    trusted (part of it was taken out of range), and the acquisition is not repeated (a second
+    one could use material again). The trial yields no outcome; its point is not at fault."""
+
+
 @dataclass(frozen=True)
 class Observation:
-    """The measured outcome of one run: values by outcome name, with the run uid they came from."""
+    """The measured outcome of one run: values by outcome name, with the run uid they came from,
+    and the units of each value where the device or the campaign file gives them."""
 
     values: dict[str, float]
     run_uid: str
     units: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a trial retries what cannot use material twice: the read of its results, attempted up
+    to ``reads`` times (1: once), ``delay`` seconds apart. Never the moves or the acquisition."""
+
+    reads: int = 3
+    delay: float = 0.5
+
+
+def _no_record(step: str, attempt: int, error: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PlanHooks:
+    """What a runner lends the plan of one trial: ``suspensions()`` counts the suspensions its
+    RunEngine has begun so far (an interlock tripped), and ``failed_attempt(step, attempt,
+    error)`` records an attempt of a retried step that failed (the ledger keeps each)."""
+
+    suspensions: Callable[[], int] = lambda: 0
+    failed_attempt: Callable[[str, int, str], None] = _no_record
 
 
 def signal_attr(name: str) -> str:
@@ -47,37 +77,74 @@ def signal_attr(name: str) -> str:
 
 
 def experiment_plan(device: Any, parameters: dict[str, Any], md: dict[str, Any], *,
-                    timeout: float | None = None) -> Generator[Msg, Any, Any]:
+                    timeout: float | None = None, retry: RetryPolicy | None = None,
+                    hooks: PlanHooks | None = None) -> Generator[Msg, Any, Any]:
     """One experiment: open a run (``md`` goes into its start document), move every parameter
     signal of ``device`` to its setpoint, trigger the device and read it once.
 
     ``timeout`` bounds the wait for each status (the moves, the trigger); a status that fails
-    ends the run with the device's own message in the stop document's reason.
+    ends the run with the device's own message in the stop document's reason. A read that fails
+    is attempted again as ``retry`` says (each failed attempt goes to ``hooks.failed_attempt``);
+    the acquisition never is. Under a suspension (an interlock on the RunEngine) the moves are
+    rewound and made again (the same setpoints: no material used); an acquisition that a
+    suspension interrupted raises :class:`AcquisitionInterrupted` rather than be repeated.
     Yields bluesky messages; returns the run uid.
     """
+    retry = retry or RetryPolicy()
+    hooks = hooks or PlanHooks()
 
     @bpp.run_decorator(md=md)
     def inner():
         moves: list[Any] = []
         for name, value in parameters.items():
             moves += [getattr(device, signal_attr(name)), value]
+        yield from bps.checkpoint()  # a suspension during the moves rewinds to here
         try:
             if moves:
                 step = f"moving {', '.join(m.name for m in moves[::2])}"
                 yield from bps.mv(*moves, timeout=timeout)
+            # From the acquisition on, nothing is replayed: a second acquisition could use material.
+            yield Msg("rewindable", None, False)
             step = f"trigger of {device.name}"
             group = short_uid("trigger")
+            before = hooks.suspensions()
             yield from bps.trigger(device, group=group)
             yield from bps.wait(group=group, timeout=timeout)
+            if hooks.suspensions() != before:
+                raise AcquisitionInterrupted(
+                    f"an interlock suspended the run during the acquisition of {device.name}; its reading "
+                    "is not trusted and the acquisition is not repeated (it could use material again)")
         except FailedStatus as exc:
             raise MeasurementError(device_error_text(exc)) from exc
         except WaitForTimeoutError as exc:  # bluesky's text says neither what nor how long
             raise TimeoutError(f"{step} did not finish within {timeout:g} s") from exc
-        yield from bps.create("primary")
-        yield from bps.read(device)
-        yield from bps.save()
+        yield from _read_with_retries(device, retry, hooks)
 
+    yield Msg("rewindable", None, True)  # the last run left it off, after its acquisition
     return (yield from inner())
+
+
+def _read_with_retries(device: Any, retry: RetryPolicy, hooks: PlanHooks) -> Generator[Msg, Any, None]:
+    """Read ``device`` into one event of the primary stream; a read that raises is dropped and
+    attempted again, ``retry.delay`` seconds later, up to ``retry.reads`` attempts in all."""
+    step = f"read of {device.name}"
+    for attempt in range(1, retry.reads + 1):
+        yield from bps.create("primary")
+        try:
+            yield from bps.read(device)
+        except (RunEngineControlException, FailedPause):  # an abort or a stop, not a failed read
+            raise
+        except Exception as exc:  # a timeout, a disconnected PV: reading again uses no material
+            yield from bps.drop()
+            text = device_error_text(exc)
+            hooks.failed_attempt(step, attempt, text)
+            if attempt == retry.reads:
+                raise MeasurementError(f"the {step} failed {attempt} time(s) (retry.reads: {retry.reads}); "
+                                       f"last: {text}") from exc
+            yield from bps.sleep(retry.delay)
+            continue
+        yield from bps.save()
+        return
 
 
 def device_error_text(error: BaseException) -> str:
@@ -111,11 +178,15 @@ def outcome_keys(device: Any, outcomes: list[str]) -> dict[str, str]:
     return {o: getattr(device, signal_attr(o)).name for o in outcomes}
 
 
-def read_observation(documents: Documents, keys: dict[str, str]) -> Observation:
+def read_observation(documents: Documents, keys: dict[str, str],
+                     units: dict[str, str] | None = None) -> Observation:
     """Take the observation out of one run's documents.
 
-    ``keys`` maps outcome names to event data keys. Raises ``MeasurementError``
-    if the run did not stop successfully or lacks a finite value for an outcome.
+    ``keys`` maps outcome names to event data keys; ``units`` are the units the campaign file
+    declares per outcome. Each value's units are the device's (its data key's ``units`` in the
+    event descriptor, where a PV's EGU lands) or else the file's. Raises ``MeasurementError`` if
+    the run did not stop successfully, lacks a finite value for an outcome, or reads an outcome
+    in units other than the file declares (a reading in W is never recorded as mW).
     """
     start = next((d for n, d in documents if n == "start"), None)
     stop = next((d for n, d in documents if n == "stop"), None)
@@ -129,7 +200,10 @@ def read_observation(documents: Documents, keys: dict[str, str]) -> Observation:
     if not events:
         raise MeasurementError(f"run {start['uid']} recorded no event")
     data = events[-1]["data"]
+    descriptor = next((d for n, d in documents if n == "descriptor" and d.get("uid") == events[-1].get("descriptor")),
+                      {})
     values: dict[str, float] = {}
+    found: dict[str, str] = {}
     for outcome, key in keys.items():
         if key not in data:
             raise MeasurementError(f"run {start['uid']} has no reading {key!r} for outcome {outcome!r}")
@@ -137,7 +211,16 @@ def read_observation(documents: Documents, keys: dict[str, str]) -> Observation:
         if not math.isfinite(value):
             raise MeasurementError(f"run {start['uid']} read {outcome}={value}")
         values[outcome] = value
-    return Observation(values=values, run_uid=start["uid"])
+        read_in = ((descriptor.get("data_keys") or {}).get(key) or {}).get("units") or None
+        given = (units or {}).get(outcome)
+        if read_in and given and read_in != given:
+            raise MeasurementError(
+                f"run {start['uid']}: {outcome} ({key}) reads in {read_in!r} but the campaign file says {given!r}; "
+                "the reading is refused rather than recorded in the wrong units: fix the file's units or the "
+                "device's")
+        if read_in or given:
+            found[outcome] = str(read_in or given)
+    return Observation(values=values, run_uid=start["uid"], units=found)
 
 
 @dataclass
@@ -151,23 +234,26 @@ class Instrument:
     plan: PlanFactory = experiment_plan
     result: Callable[[Documents], Observation] | None = None
     timeout: float = 300.0
+    #: outcome -> units the campaign file declares (a device that reads in others is refused)
+    units: dict[str, str] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         if self.result is None:
-            keys = outcome_keys(self.device, self.outcomes)
-            self.result = lambda docs: read_observation(docs, keys)
+            keys, units = outcome_keys(self.device, self.outcomes), dict(self.units)
+            self.result = lambda docs: read_observation(docs, keys, units)
 
-    def plan_for(self, parameters: dict[str, Any], md: dict[str, Any],
-                 timeout: float | None = None) -> Generator[Msg, Any, Any]:
-        """This instrument's plan for one trial; ``timeout`` goes to a plan factory that takes one
-        (as :func:`experiment_plan` does), to bound its status waits."""
+    def plan_for(self, parameters: dict[str, Any], md: dict[str, Any], timeout: float | None = None,
+                 hooks: PlanHooks | None = None) -> Generator[Msg, Any, Any]:
+        """This instrument's plan for one trial; ``timeout`` (to bound its status waits), the
+        instrument's ``retry`` policy and the runner's ``hooks`` go to a plan factory that takes
+        them (as :func:`experiment_plan` does)."""
         try:
-            takes_timeout = "timeout" in inspect.signature(self.plan).parameters
+            takes = set(inspect.signature(self.plan).parameters)
         except (TypeError, ValueError):  # a callable without a signature: call it as documented
-            takes_timeout = False
-        if takes_timeout:
-            return self.plan(self.device, parameters, md, timeout=timeout)  # type: ignore[call-arg]
-        return self.plan(self.device, parameters, md)
+            takes = set()
+        given = {"timeout": timeout, "retry": self.retry, "hooks": hooks}
+        return self.plan(self.device, parameters, md, **{k: v for k, v in given.items() if k in takes})
 
     @property
     def data_keys(self) -> dict[str, str]:

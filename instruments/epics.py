@@ -38,6 +38,10 @@ class EpicsAcquisitionError(RuntimeError):
     """The IOC said the acquisition failed (its error PV)."""
 
 
+class EpicsUnitsMismatch(ValueError):
+    """A result PV reads in other units than the campaign file says (never mixed silently)."""
+
+
 def _follow(outer: DeviceStatus, inner: StatusBase, timeout_text: str, on_success=None) -> None:
     """Finish ``outer`` as ``inner`` finishes; a timeout becomes an :class:`EpicsTimeout` saying
     ``timeout_text``, another failure keeps its exception."""
@@ -214,17 +218,31 @@ class EpicsInstrumentBase(Device):
         return _Text(text)
 
     def describe(self) -> dict[str, Any]:
+        # The PV's own units stay in the descriptor (the reader compares them with the file's);
+        # the file's units fill in only where the PV gives none.
         desc = super().describe()
         for outcome, units in self.units_given.items():
             key = getattr(self, signal_attr(outcome)).name
-            if key in desc:
+            if key in desc and not desc[key].get("units"):
                 desc[key]["units"] = units
         return desc
 
+    def check_units(self) -> None:
+        """Refuse a result PV whose own units (EGU) are not those the campaign file gives it."""
+        for outcome, units in self.units_given.items():
+            sig = getattr(self, signal_attr(outcome))
+            own = (sig.describe().get(sig.name) or {}).get("units")
+            if own and own != units:
+                raise EpicsUnitsMismatch(
+                    f"the campaign file says {outcome} is in {units!r} but its PV {sig.pvname} says {own!r}; "
+                    f"fix 'epics.results.{outcome}.units' (or the IOC's EGU) so that they agree")
 
-def make_epics_device(name: str, spec: Any, parameters: list[Any] = ()) -> EpicsInstrumentBase:
+
+def make_epics_device(name: str, spec: Any, parameters: list[Any] = (),
+                      units: dict[str, str] | None = None) -> EpicsInstrumentBase:
     """The ophyd device of an ``epics:`` block (``orchestrator.spec.EpicsSpec``), its PVs
-    connected (within ``connection_timeout``)."""
+    connected (within ``connection_timeout``); ``units`` (outcome -> units, beside the block's
+    own) must agree with the result PVs' EGU, or :class:`EpicsUnitsMismatch` is raised."""
     pv = spec.pv
     sig = {"timeout": spec.timeout, "connection_timeout": spec.connection_timeout}
     attrs: dict[str, Any] = {}
@@ -243,9 +261,10 @@ def make_epics_device(name: str, spec: Any, parameters: list[Any] = ()) -> Epics
     if spec.counter is not None:
         attrs["acq_counter"] = Cpt(EpicsSignalRO, pv(spec.counter), kind="config", auto_monitor=True, **sig)
     attrs["spec"] = spec
-    attrs["units_given"] = {o: r.units for o, r in spec.results.items() if r.units}
+    attrs["units_given"] = {o: r.units for o, r in spec.results.items() if r.units} | dict(units or {})
     cls = type("EpicsInstrument", (EpicsInstrumentBase,), attrs)
     device = cls("", name=name)
     device.wait_for_connection(timeout=spec.connection_timeout)
+    device.check_units()
     return device
 

@@ -28,7 +28,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT: the campaign resumes with the same command
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Errors are never wrapped: a path or a PV name broken across lines cannot be copied back.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _print_campaign_error(exc: Exception) -> int:
@@ -336,12 +337,9 @@ def _fmt(v: Any) -> str:
 
 
 def _known_optimum(spec) -> dict[str, float]:  # noqa: ANN001
-    inst = spec.instruments[0]
-    if inst.kind not in ("simulator", "dataset"):  # hardware or a person: no known optimum
-        return {}
-    from simulators import load_problem
+    from orchestrator.rehearsal import known_optimum  # hardware, a person, an emulator: none
 
-    return load_problem(inst.simulator, inst.dataset).optimum
+    return known_optimum(spec)
 
 
 # ---- status and export -----------------------------------------------------------
@@ -515,8 +513,48 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(Text(f"station {station} is out of rotation since {event.at:%Y-%m-%d %H:%M:%S} "
                            f"({who}): {event.reason}; 'labpilot restore {args.dir} {station}' brings it back",
                            style="bold yellow"), soft_wrap=True)
+    numbers = {t.id: t.number for t in ledger.trials(campaign.id)}
+    for line in _instrument_lines(ledger.suspensions(campaign.id), ledger.retries(campaign.id), numbers):
+        console.print(line, markup=False, highlight=False)
     ledger.close()
     return EXIT_OK
+
+
+STATUS_EVENTS = 10  # the latest suspensions and failed read attempts 'labpilot status' lists
+
+
+def _clock(t: Any) -> str:
+    """A ledger time (UTC; SQLite gives it back naive) as this host's local date and time."""
+    from datetime import UTC
+
+    if t is None:
+        return "-"
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _instrument_lines(suspensions: list, retries: list, numbers: dict[int, int]) -> list[str]:  # noqa: ANN001
+    """What held or troubled the instruments: each interlock suspension (PV, the value that
+    tripped it, when, and when the run went on) and each failed read attempt, the latest first."""
+    lines = []
+    if suspensions:
+        lines.append(f"interlocks: {len(suspensions)} suspension(s)"
+                     + (f", the latest {STATUS_EVENTS}:" if len(suspensions) > STATUS_EVENTS else ":"))
+        for r in reversed(suspensions[-STATUS_EVENTS:]):
+            during = f" during trial {numbers[r.trial_id]}" if r.trial_id in numbers else " while idle"
+            value = f" = {r.value:g}" if r.value is not None else ""
+            then = (f"; back in range at {_clock(r.cleared_at)}"
+                    + (f" ({r.cleared_value:g})" if r.cleared_value is not None else "")
+                    + f", the run went on at {_clock(r.resumed_at)}") if r.cleared_at else "; still out of range"
+            lines.append(f"  {r.instrument}: {r.pv}{value} (allowed {r.allowed}) tripped at "
+                         f"{_clock(r.tripped_at)}{during}{then}")
+    if retries:
+        lines.append(f"read retries: {len(retries)} failed attempt(s)"
+                     + (f", the latest {STATUS_EVENTS}:" if len(retries) > STATUS_EVENTS else ":"))
+        for r in reversed(retries[-STATUS_EVENTS:]):
+            trial = f"trial {numbers[r.trial_id]}" if r.trial_id in numbers else "no trial"
+            lines.append(f"  {trial} on {r.instrument}: {r.step}, attempt {r.attempt} of {r.attempts_allowed}, "
+                         f"failed at {_clock(r.at)}: {r.error}")
+    return lines
 
 
 def _export(ledger, campaign_id: int, directory: Path, fmt: str, name: str | None = None) -> Path:  # noqa: ANN001

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from instruments import Instrument, InstrumentRunner, InstrumentTimeout, MeasurementError
+from instruments.runner import INTERLOCK_ERRORS
 from orchestrator.approval import waits_because
 from orchestrator.control import Applier
 from orchestrator.learning import CampaignStream, LiveModels
@@ -124,11 +126,12 @@ class TrialOutcome:
     """What a run-trial task hands back to the flow."""
 
     trial_id: int
-    state: str  # "completed" or "failed"
+    state: str  # "completed", "failed", or "abandoned" (an interlock kept it from being measured)
     values: dict[str, float] = field(default_factory=dict)
     run_uid: str | None = None
     reason: str = ""
     seconds: float = 0.0
+    units: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,24 +146,40 @@ class CampaignResult:
     timings: dict[str, list[float]]
 
 
-def build_runners(spec: CampaignSpec, on_document=None) -> list[InstrumentRunner]:
-    """One runner (one RunEngine) per instrument station; ``concurrency: k`` makes k stations."""
+def build_runners(spec: CampaignSpec, on_document=None, on_event=None) -> list[InstrumentRunner]:
+    """One runner (one RunEngine) per instrument station; ``concurrency: k`` makes k stations.
+    Each station gets its own interlocks (``suspend_when``); ``on_event(kind, body)`` hears of
+    their suspensions and of failed read attempts (:class:`InstrumentRunner`)."""
+    from instruments.binding import RetryPolicy
+
     runners = []
     for inst in spec.instruments:
         for name in inst.stations:
             takes = spec.takes(inst)
             device, outcomes = _make_device(inst, name, seed=spec.seed * 1000 + len(runners),
-                                            parameters=[p for p in spec.parameters if p.name in takes])
+                                            parameters=[p for p in spec.parameters if p.name in takes], spec=spec)
             timeout = inst.timeout
             if inst.kind == "manual" and "timeout" not in inst.model_fields_set:
                 from instruments.manual import MANUAL_TIMEOUT
 
                 timeout = MANUAL_TIMEOUT  # a person's measurement takes what it takes
             runners.append(InstrumentRunner(
-                Instrument(name=name, device=device, outcomes=outcomes, timeout=timeout),
-                on_document=on_document,
+                Instrument(name=name, device=device, outcomes=outcomes, timeout=timeout,
+                           units=inst.declared_units(), retry=RetryPolicy(inst.retry.reads, inst.retry.delay)),
+                on_document=on_document, interlocks=_interlocks(inst), on_event=on_event,
             ))
     return runners
+
+
+def _interlocks(inst: InstrumentSpec) -> list[Any]:
+    """The instrument's ``suspend_when`` as interlocks on EPICS PVs (connected, or refused)."""
+    if not inst.suspend_when:
+        return []
+    from instruments.interlock import epics_interlock  # sets the loopback EPICS environment first
+
+    wait = inst.epics.connection_timeout if inst.epics is not None else 5.0
+    return [epics_interlock(i.pv, i.min, i.max, resume_after=i.resume_after, max_wait=i.max_wait,
+                            connection_timeout=wait) for i in inst.suspend_when]
 
 
 def is_manual(runner: InstrumentRunner) -> bool:
@@ -170,7 +189,8 @@ def is_manual(runner: InstrumentRunner) -> bool:
     return isinstance(runner.instrument.device, ManualInstrumentBase)
 
 
-def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[Any] = ()) -> tuple[Any, list[str]]:
+def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[Any] = (),
+                 spec: CampaignSpec | None = None) -> tuple[Any, list[str]]:
     if inst.kind == "manual":
         from instruments.manual import make_manual_device
 
@@ -180,16 +200,18 @@ def _make_device(inst: InstrumentSpec, name: str, seed: int, parameters: list[An
         # imported here: it sets the loopback EPICS environment before pyepics loads
         from instruments.epics import make_epics_device
 
-        return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters)), list(inst.outcomes or [])
+        return make_epics_device(name.replace("-", "_"), inst.epics, list(parameters), units=inst.units), \
+            list(inst.outcomes or [])
     if inst.device:
         import importlib
 
         module, _, attr = inst.device.partition(":")
         factory = getattr(importlib.import_module(module), attr)
         return factory(name=name.replace("-", "_")), list(inst.outcomes or [])
-    from simulators import Behaviour, load_problem, make_simulated_device
+    from orchestrator.rehearsal import simulated_problem
+    from simulators import Behaviour, make_simulated_device
 
-    problem = load_problem(inst.simulator, inst.dataset)
+    problem = simulated_problem(inst, spec, seed)
     behaviour = Behaviour(latency=inst.latency, noise=inst.noise, drift=inst.drift,
                           failure_rate=inst.failure_rate, hang_rate=inst.hang_rate, seed=seed)
     device = make_simulated_device(problem, name.replace("-", "_"), behaviour)
@@ -217,13 +239,15 @@ def run_trial(runner: InstrumentRunner, trial_id: int, parameters: dict[str, Any
     t0 = time.perf_counter()
     try:
         obs, _docs = runner.run(parameters, md)
+    except INTERLOCK_ERRORS as exc:  # not the point's fault: no outcome, and nothing to learn
+        return TrialOutcome(trial_id, "abandoned", reason=str(exc), seconds=time.perf_counter() - t0)
     except InstrumentTimeout as exc:
         return TrialOutcome(trial_id, "failed", reason=str(exc), seconds=time.perf_counter() - t0)
     except MeasurementError as exc:
         return TrialOutcome(trial_id, "failed", reason=f"measurement failed: {exc}",
                             seconds=time.perf_counter() - t0)
     return TrialOutcome(trial_id, "completed", values=obs.values, run_uid=obs.run_uid,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, units=dict(obs.units))
 
 
 class CampaignRuntime:
@@ -290,7 +314,8 @@ class CampaignRuntime:
         self.ledger.update_campaign(self.campaign_id, stream_address=self.stream.subscribe_address)
         # the ledger's journal first: a document is recorded before anyone else sees it
         callbacks = [DocumentJournal(self.ledger), self.stream.on_document] + ([on_document] if on_document else [])
-        self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks])
+        self.runners = build_runners(spec, lambda name, doc: [cb(name, doc) for cb in callbacks],
+                                     on_event=self._instrument_event)
         self.models: LiveModels | None = None
         # The live trainer reads each run's documents as a whole trial; a trial of several steps
         # (instruments that split the work) is several runs, so its planner fits its own model
@@ -305,8 +330,24 @@ class CampaignRuntime:
         self.timings: dict[str, list[float]] = {"propose": [], "instrument": [], "overhead": []}
         self.stop_requested = threading.Event()
 
+    def _instrument_event(self, kind: str, body: dict[str, Any]) -> None:
+        """A runner's news (an interlock tripped or cleared, a read attempt failed), into the
+        ledger, which tells the stream."""
+        at = datetime.fromtimestamp(body["at"], UTC)
+        if kind == "suspension" and body["what"] == "tripped":
+            self.ledger.record_suspension(self.campaign_id, body["instrument"], body["pv"], body["allowed"],
+                                          body["value"], body["trial_id"], at)
+        elif kind == "suspension":
+            self.ledger.clear_suspension(self.campaign_id, body["instrument"], body["pv"], body["value"], at,
+                                         body["resume_after"])
+        elif kind == "retry":
+            self.ledger.record_retry(self.campaign_id, body["trial_id"], body["instrument"], body["step"],
+                                     body["attempt"], body["of"], body["error"], at)
+
     def close(self) -> None:
         """Stop the trainer and the stream and let go of the campaign (the ledger stays open)."""
+        for runner in getattr(self, "runners", []):
+            runner.close()  # its interlocks stop reporting into this campaign
         if self.models is not None:
             self.models.stop()
         self.stream.stop()
@@ -324,13 +365,10 @@ class CampaignRuntime:
 
     def _reference_point(self) -> list[float] | None:
         # A simulator with a published reference point gives comparable hypervolumes.
-        from simulators import load_problem
+        from orchestrator.rehearsal import known_optimum
 
-        inst = self.spec.instruments[0]
-        if inst.kind not in ("simulator", "dataset"):
-            return None
-        sim = load_problem(inst.simulator, inst.dataset)
-        refs = [sim.optimum.get(f"ref_{o.name}") for o in self.spec.objectives]
+        optimum = known_optimum(self.spec)
+        refs = [optimum.get(f"ref_{o.name}") for o in self.spec.objectives]
         return None if any(r is None for r in refs) else refs  # type: ignore[return-value]
 
     def recover(self) -> None:
@@ -363,7 +401,7 @@ class CampaignRuntime:
                     except MeasurementError as exc:
                         self.ledger.transition(t.id, "failed", "system", f"measurement failed: {exc}")
                         continue
-                    self.ledger.complete(t.id, obs.values, obs.run_uid, reason=(
+                    self.ledger.complete(t.id, obs.values, obs.run_uid, units=obs.units, reason=(
                         "measured; recorded on resume from the run's documents (the campaign stopped "
                         "after the measurement)"))
                 else:
@@ -1008,10 +1046,13 @@ class _Dispatcher:
             self.ledger.transition(trial_id, "abandoned", "operator", f"{reason} (its run was aborted)")
             self.rt.observer.trial_changed(self.rt, number, "abandoned", reason)
         elif outcome.state == "completed":
-            self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "")
+            self.ledger.complete(trial_id, outcome.values, outcome.run_uid or "", units=outcome.units)
             self.consecutive_failures = 0
             self.rt.observer.trial_changed(self.rt, number, "completed", _fmt(outcome.values))
             self._station_result(runner.instrument.name, failed=False)
+        elif outcome.state == "abandoned":  # an interlock kept it from being measured
+            self.ledger.transition(trial_id, "abandoned", "system", outcome.reason)
+            self.rt.observer.trial_changed(self.rt, number, "abandoned", outcome.reason)
         else:
             self.ledger.transition(trial_id, "failed", "system", outcome.reason)
             self.consecutive_failures += 1

@@ -160,6 +160,43 @@ class ObservationRow(Base):
     trial: Mapped[TrialRow] = relationship(back_populates="observation")
 
 
+class SuspensionRow(Base):
+    """An interlock (``suspend_when``) that held an instrument's run: the PV, its allowed range,
+    the value that tripped it and when; when it was back in range (and the value then), and when
+    the run went on (``resumed_at``: ``resume_after`` seconds later, as bluesky's suspender waits).
+    ``trial_id`` is the trial running when it tripped (none when the instrument was idle: the
+    next trial waits for it before it starts)."""
+
+    __tablename__ = "suspensions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    trial_id: Mapped[int | None] = mapped_column(ForeignKey("trials.id"), nullable=True, index=True)
+    instrument: Mapped[str] = mapped_column(String(200))
+    pv: Mapped[str] = mapped_column(String(200))
+    allowed: Mapped[str] = mapped_column(Text, default="")
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tripped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cleared_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cleared_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RetryRow(Base):
+    """One failed attempt of a step a trial retries (a read of its results: never an acquisition):
+    the step, the attempt's number of how many allowed, the error, and when."""
+
+    __tablename__ = "retries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    trial_id: Mapped[int | None] = mapped_column(ForeignKey("trials.id"), nullable=True, index=True)
+    instrument: Mapped[str] = mapped_column(String(200))
+    step: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempts_allowed: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ProposalRow(Base):
     """A planner's decision: what it proposed, what it predicted, and why."""
 
@@ -542,6 +579,62 @@ class Ledger:
         if body:
             self._notify("trial", {**body, "outcomes": _jsonable(values), "units": units or {}})
 
+    # ---- what happened on an instrument during a trial -----------------------------
+    def record_suspension(self, campaign_id: int, instrument: str, pv: str, allowed: str,
+                          value: float | None, trial_id: int | None, at: datetime | None = None) -> int:
+        """An interlock tripped: note it (its clearing is :meth:`clear_suspension`)."""
+        with self._write() as s:
+            row = SuspensionRow(campaign_id=campaign_id, trial_id=trial_id, instrument=instrument, pv=pv,
+                                allowed=allowed, value=_finite_or_none(value), tripped_at=at or utcnow())
+            s.add(row)
+            s.flush()
+            body = _suspension_body(row, s.get(TrialRow, trial_id) if trial_id is not None else None)
+        self._notify("suspension", body)
+        return body["suspension_id"]
+
+    def clear_suspension(self, campaign_id: int, instrument: str, pv: str, value: float | None,
+                         at: datetime | None = None, resume_after: float = 0.0) -> int | None:
+        """The interlock on ``pv`` of ``instrument`` is back in range: close its open suspension;
+        the run goes on ``resume_after`` seconds later. Returns its id (``None``: none was open)."""
+        at = at or utcnow()
+        with self._write() as s:
+            row = s.scalar(select(SuspensionRow).where(
+                SuspensionRow.campaign_id == campaign_id, SuspensionRow.instrument == instrument,
+                SuspensionRow.pv == pv, SuspensionRow.cleared_at.is_(None)).order_by(SuspensionRow.id.desc()).limit(1))
+            if row is None:
+                return None
+            row.cleared_at, row.cleared_value = at, _finite_or_none(value)
+            row.resumed_at = _later(at, resume_after)
+            body = _suspension_body(row, s.get(TrialRow, row.trial_id) if row.trial_id is not None else None)
+        self._notify("suspension", body)
+        return body["suspension_id"]
+
+    def suspensions(self, campaign_id: int) -> list[SuspensionRow]:
+        with self._sessions() as s:
+            return list(s.scalars(select(SuspensionRow).where(SuspensionRow.campaign_id == campaign_id)
+                                  .order_by(SuspensionRow.id)))
+
+    def record_retry(self, campaign_id: int, trial_id: int | None, instrument: str, step: str, attempt: int,
+                     attempts_allowed: int, error: str, at: datetime | None = None) -> None:
+        """A failed attempt of a retried step of a trial."""
+        with self._write() as s:
+            row = RetryRow(campaign_id=campaign_id, trial_id=trial_id, instrument=instrument, step=step,
+                           attempt=attempt, attempts_allowed=attempts_allowed, error=error, at=at or utcnow())
+            s.add(row)
+            s.flush()
+            trial = s.get(TrialRow, trial_id) if trial_id is not None else None
+            body = {"campaign_id": campaign_id, "trial_id": trial_id, "number": trial.number if trial else None,
+                    "instrument": instrument, "step": step, "attempt": attempt,
+                    "attempts_allowed": attempts_allowed, "error": error, "at": row.at.timestamp()}
+        self._notify("retry", body)
+
+    def retries(self, campaign_id: int, trial_id: int | None = None) -> list[RetryRow]:
+        with self._sessions() as s:
+            q = select(RetryRow).where(RetryRow.campaign_id == campaign_id)
+            if trial_id is not None:
+                q = q.where(RetryRow.trial_id == trial_id)
+            return list(s.scalars(q.order_by(RetryRow.id)))
+
     def record_import(self, campaign_id: int, parameters: dict[str, Any], values: dict[str, float],
                       source: str, reason: str) -> int:
         """A result measured outside the campaign (a file of past experiments) as a completed trial:
@@ -889,13 +982,18 @@ class Ledger:
         return counts
 
     def trials_frame(self, campaign_id: int) -> pd.DataFrame:
-        """One row per trial: number, state, parameters, outcomes, times, run uid, planner's prediction."""
+        """One row per trial: number, state, parameters, outcomes (each ``outcome.NAME`` followed by
+        its units, ``unit.NAME``, where they are known), times, run uid, planner's prediction."""
         rows = []
         for t in self.trials(campaign_id):
             row: dict[str, Any] = {"trial": t.number, "state": t.state, "instrument": t.instrument}
             row.update({f"param.{k}": v for k, v in t.parameters.items()})
             if t.observation is not None:
-                row.update({f"outcome.{k}": v for k, v in t.observation.values.items()})
+                units = t.observation.units or {}
+                for k, v in t.observation.values.items():
+                    row[f"outcome.{k}"] = v
+                    if units.get(k):
+                        row[f"unit.{k}"] = units[k]
             if t.proposal is not None:
                 row["planner"] = t.proposal.planner
                 row["model_version"] = t.proposal.model_version
@@ -937,6 +1035,18 @@ def _trial_body(trial: TrialRow, from_state: str | None, actor: str, reason: str
             "state": trial.state, "from_state": from_state, "actor": actor, "reason": reason,
             "parameters": dict(trial.parameters), "instrument": trial.instrument,
             "run_uid": trial.run_uid, "at": utcnow().timestamp()}
+
+
+def _suspension_body(row: SuspensionRow, trial: TrialRow | None) -> dict[str, Any]:
+    """What the stream says of an interlock's suspension (tripped, or cleared with its times)."""
+    def stamp(t: datetime | None) -> float | None:
+        return None if t is None else (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+    return {"campaign_id": row.campaign_id, "suspension_id": row.id, "trial_id": row.trial_id,
+            "number": trial.number if trial is not None else None, "instrument": row.instrument,
+            "pv": row.pv, "allowed": row.allowed, "state": "cleared" if row.cleared_at else "tripped",
+            "value": row.value, "tripped_at": stamp(row.tripped_at), "cleared_value": row.cleared_value,
+            "cleared_at": stamp(row.cleared_at), "resumed_at": stamp(row.resumed_at)}
 
 
 def _command_body(row: CommandRow) -> dict[str, Any]:

@@ -178,7 +178,8 @@ class EpicsTrigger(_Spec):
 
 
 class EpicsResult(_Spec):
-    """One outcome's result PV; ``units`` default to the PV's own (its metadata)."""
+    """One outcome's result PV; ``units`` default to the PV's own (its EGU). Where both are given
+    and differ, the instrument is refused when it connects (no silent mix of mW and W)."""
 
     pv: str = Field(min_length=1)
     units: str | None = None
@@ -210,13 +211,108 @@ class EpicsSpec(_Spec):
         return name if name.startswith(self.prefix) else self.prefix + name
 
 
-INSTRUMENT_KINDS = ("simulator", "dataset", "ophyd", "epics", "manual")
-_KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "ophyd": "device", "epics": "epics"}
+class InterlockSpec(_Spec):
+    """One entry of an instrument's ``suspend_when``: an EPICS PV (a temperature, a pressure)
+    and its allowed range, ``min <= value <= max`` (either bound may be left out). Out of range,
+    the instrument's run is suspended (bluesky's ``SuspendFloor``/``SuspendCeil`` on its
+    RunEngine); back in range, it goes on ``resume_after`` seconds later. The PV name is used as
+    written (an ``epics:`` block's ``prefix`` does not apply: an interlock is often another IOC's).
+    """
+
+    pv: str = Field(min_length=1, description="the PV watched, e.g. 'chiller:temperature'")
+    min: float | None = Field(None, allow_inf_nan=False, description="the lowest allowed value")
+    max: float | None = Field(None, allow_inf_nan=False, description="the highest allowed value")
+    resume_after: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                description="seconds to wait, once back in range, before the run goes on")
+    max_wait: float = Field(3600.0, gt=0, allow_inf_nan=False,
+                            description="seconds one trial may wait for the PV to come back; then that "
+                            "trial is abandoned (not failed: its point is not at fault)")
+
+    @model_validator(mode="after")
+    def _a_range(self) -> InterlockSpec:
+        if self.min is None and self.max is None:
+            raise ValueError(f"give the allowed range of {self.pv!r}: 'min', 'max' or both "
+                             f"(e.g. {{pv: {self.pv!r}, min: 10, max: 80}})")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError(f"min {self.min:g} is not below max {self.max:g}; swap them or widen the range")
+        return self
+
+
+class RetrySpec(_Spec):
+    """How an instrument's trial retries what can be done again without using material twice:
+    the reading of its results (a read that timed out, a PV that dropped and came back). The
+    acquisition (trigger) and the moves are never retried: a second acquisition, or a second put
+    of a setpoint on a pump, could use material again; a failure there fails the trial."""
+
+    reads: int = Field(3, ge=1, le=20, description="attempts at reading the results (1: no retry)")
+    delay: float = Field(0.5, ge=0, le=600, allow_inf_nan=False, description="seconds between attempts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_reads(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unsafe = [k for k in v if k in ("acquire", "acquisitions", "trigger", "triggers", "moves", "move",
+                                            "trials", "trial")]
+            if unsafe:
+                raise ValueError(f"{unsafe[0]!r} cannot be retried: a second acquisition or move could use "
+                                 "material again, so only 'reads' (and their 'delay') are; remove it")
+        return v
+
+
+#: the kinds whose RunEngine talks to real hardware, where an EPICS interlock can be watched
+INTERLOCK_KINDS = ("epics", "ophyd")
+
+
+class MappedSimulator(_Spec):
+    """A test function rehearsing the campaign under its own names (``simulators.rehearsal``):
+    ``{problem: hartmann6, map: {temperature: x1, ...}, fixed: {x6: 0.2}, outcomes: {yield: y}}``.
+
+    Each campaign parameter is scaled from its bounds onto its input's; inputs left out of
+    ``map`` are held at ``fixed`` (default: the middle of their bounds); each campaign outcome
+    is the problem outcome named, negated where the campaign's goal is the opposite one."""
+
+    problem: str = Field(min_length=1, description="an analytic problem: branin, hartmann6, ...")
+    map: dict[str, str] = Field(min_length=1, description="campaign parameter -> problem input")
+    fixed: dict[str, float] = Field(default_factory=dict, description="problem input -> held value")
+    outcomes: dict[str, str] | None = Field(None, description="campaign outcome -> problem outcome; "
+                                            "default: the problem's outcomes under their own names")
+
+
+class EmulatorSpec(_Spec):
+    """A model fitted to past experiments stands in for the instrument (``orchestrator.rehearsal``):
+    a CSV ``table`` whose columns are named as the campaign's parameters and outcomes, or the
+    completed trials of a past campaign in a ``ledger`` (its directory or store URL; ``campaign``
+    names it when the ledger holds several). Fitted once when the campaign starts; each
+    measurement is a draw from the model's predictive distribution (``noise: false``: its mean)."""
+
+    table: str | None = Field(None, min_length=1, description="a CSV file, relative to the campaign file")
+    ledger: str | None = Field(None, min_length=1, description="a campaign directory or a store URL")
+    campaign: str | None = Field(None, min_length=1, description="the past campaign's name in 'ledger'")
+    model: Literal["gp", "ensemble"] = Field("gp", description="'gp' (ExactGP) or 'ensemble' (DeepEnsemble)")
+    noise: bool = Field(True, description="sample the predictive distribution; false: its mean")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EmulatorSpec:
+        if (self.table is None) == (self.ledger is None):
+            raise ValueError("give the emulator exactly one of 'table: FILE.csv' or 'ledger: DIR-or-URL'")
+        if self.campaign is not None and self.ledger is None:
+            raise ValueError("'campaign' names a campaign in a 'ledger'; a 'table' has none, remove it")
+        return self
+
+
+INSTRUMENT_KINDS = ("simulator", "dataset", "emulator", "ophyd", "epics", "manual")
+_KIND_KEY = {"simulator": "simulator", "dataset": "dataset", "emulator": "emulator", "ophyd": "device",
+             "epics": "epics"}
+
+
+#: fields that only a simulated instrument (simulator, dataset, emulator) has
+_SIMULATED_BEHAVIOUR = ("latency", "noise", "drift", "failure_rate", "hang_rate")
 
 
 class InstrumentSpec(_Spec):
-    """One instrument: a simulator (``simulator`` or ``dataset``), a real ophyd ``device``, an
-    EPICS instrument declared in the file (``epics``), or a person (``kind: manual``).
+    """One instrument: a simulator (``simulator``, mapped or not, or ``dataset``), a model of past
+    experiments (``emulator``), a real ophyd ``device``, an EPICS instrument declared in the file
+    (``epics``), or a person (``kind: manual``).
 
     ``device`` is an import path ``package.module:factory``; the factory returns an
     ophyd device with one settable signal per parameter and one readable signal
@@ -224,11 +320,12 @@ class InstrumentSpec(_Spec):
     """
 
     name: str = Field(pattern=r"^[A-Za-z_][\w-]*$")
-    kind: Literal["simulator", "dataset", "ophyd", "epics", "manual"] | None = Field(
-        None, description="'simulator', 'dataset', 'ophyd' (a 'device' factory), 'epics' (an 'epics' "
-        "block) or 'manual' (a person measures and tells the result); default: the key given")
-    simulator: str | None = None
+    kind: Literal["simulator", "dataset", "emulator", "ophyd", "epics", "manual"] | None = Field(
+        None, description="'simulator', 'dataset', 'emulator', 'ophyd' (a 'device' factory), 'epics' (an "
+        "'epics' block) or 'manual' (a person measures and tells the result); default: the key given")
+    simulator: str | MappedSimulator | None = None
     dataset: str | None = None
+    emulator: EmulatorSpec | None = None
     device: str | None = None
     epics: EpicsSpec | None = None
     outcomes: list[str] | None = None
@@ -238,7 +335,8 @@ class InstrumentSpec(_Spec):
         "the product) are a trial's steps, in the file's order")
     concurrency: int = Field(1, ge=1, le=64, description="identical stations working at once")
     timeout: float = Field(300.0, gt=0, description="seconds one trial may take before it is aborted")
-    latency: float = Field(0.0, ge=0, description="simulated seconds per measurement")
+    latency: float | tuple[float, float] = Field(
+        0.0, description="simulated seconds per measurement, or [low, high]: drawn uniformly for each one")
     noise: float = Field(0.0, ge=0, description="simulated Gaussian noise (standard deviation)")
     drift: float = Field(0.0, description="simulated drift added per measurement")
     failure_rate: float = Field(0.0, ge=0, le=1)
@@ -254,9 +352,33 @@ class InstrumentSpec(_Spec):
             return [self.name]
         return [f"{self.name}-{lane + 1}" for lane in range(self.concurrency)]
 
+    units: dict[str, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict, description="units of each outcome, e.g. {yield: '%'}; an EPICS result's "
+        "default to its PV's own, and a PV that says otherwise is refused")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="retries of a trial's reads, e.g. "
+                             "{reads: 3, delay: 0.5}; never of its acquisition")
+    suspend_when: list[InterlockSpec] = Field(
+        default_factory=list, description="interlocks (kind epics or ophyd): e.g. [{pv: 'chiller:T', "
+        "min: 10, max: 80, resume_after: 2}] suspends the run while the PV is out of range")
+
+    def declared_units(self) -> dict[str, str]:
+        """Outcome -> the units the file gives it (``units``, or an EPICS result's ``units``)."""
+        out = {o: r.units for o, r in (self.epics.results.items() if self.epics else ()) if r.units}
+        out.update(self.units)
+        return out
+
+    @field_validator("latency")
+    @classmethod
+    def _latency(cls, v: float | tuple[float, float]) -> float | tuple[float, float]:
+        low, high = (v, v) if isinstance(v, int | float) else v
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low:
+            raise ValueError(f"latency {v!r} must be seconds >= 0, or [low, high] with 0 <= low <= high "
+                             "(e.g. latency: [0.5, 2.0])")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> InstrumentSpec:
-        given = [k for k in ("simulator", "dataset", "device", "epics") if getattr(self, k)]
+        given = [k for k in ("simulator", "dataset", "emulator", "device", "epics") if getattr(self, k)]
         if self.kind == "manual":
             if given:
                 raise ValueError(f"a 'kind: manual' instrument is a person: remove {given}")
@@ -265,14 +387,25 @@ class InstrumentSpec(_Spec):
             return self
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'simulator: branin|hartmann6|branincurrin', "
-                "'dataset: <folder>', 'device: package.module:factory' or an 'epics:' block "
+                "give exactly one of 'simulator: branin|hartmann6|branincurrin' (or 'simulator: "
+                "{problem: .., map: {..}}'), 'dataset: <folder>', 'emulator: {table: FILE.csv}', "
+                "'device: package.module:factory' or an 'epics:' block "
                 f"(got {given or 'none'})")
         kind = next(k for k, key in _KIND_KEY.items() if key == given[0])
         if self.kind is not None and self.kind != kind:
             raise ValueError(f"a 'kind: {self.kind}' instrument takes '{_KIND_KEY[self.kind]}:', "
                              f"not '{given[0]}:'; write kind: {kind} or give '{_KIND_KEY[self.kind]}:'")
         self.kind = kind
+        # not 'fields set': a recorded spec (a dump, every field in it) is read back through here too
+        simulated = [k for k in _SIMULATED_BEHAVIOUR if getattr(self, k) != type(self).model_fields[k].default]
+        if simulated and kind in ("ophyd", "epics"):
+            raise ValueError(f"{simulated} describe a simulated instrument; a 'kind: {kind}' instrument is "
+                             "real hardware and would ignore them: remove them (rehearse on a 'simulator:' "
+                             "instrument to try noise, latency or faults)")
+        if kind == "epics" and self.concurrency > 1:
+            raise ValueError(f"concurrency {self.concurrency} would make {self.concurrency} stations write the "
+                             "same PVs at once; declare one 'kind: epics' instrument per IOC (each its own "
+                             "'epics.prefix') instead")
         if self.device and self.outcomes is None:
             raise ValueError("a 'device' instrument must list the 'outcomes' it measures ([] when it "
                              "measures none: a step that only makes the sample)")
@@ -808,7 +941,15 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         if inst is None:
             continue
         where = f"instruments[{i}]"
-        if inst.simulator or inst.dataset:
+        if isinstance(inst.simulator, MappedSimulator) or inst.emulator is not None:
+            from orchestrator.rehearsal import check_rehearsal
+
+            found, rehearsed = check_rehearsal(inst, where, f, needed, base_dir)
+            issues += found
+            if rehearsed is None:
+                continue
+            measured = rehearsed
+        elif inst.simulator or inst.dataset:
             from simulators.problems import ProblemError, load_problem
 
             dataset = inst.dataset
@@ -852,6 +993,7 @@ def check_campaign(spec: CampaignSpec | _Fields, base_dir: Path | None = None) -
         else:
             measured = inst.outcomes or []
             issues += _check_device(f"{where}.device", inst.device or "")
+        issues += _check_units_and_interlocks(where, inst, measured)
         measured_by[inst.name] = list(measured)
         unknown = [p for p in inst.parameters or [] if p not in known]
         if names is not None and None not in names and unknown:
@@ -985,6 +1127,30 @@ def _check_envelope(f: _Fields, known: list[str], by_name: dict[str, Parameter])
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                 issues.append(SpecIssue(where, f"write a whole number of trials of at least 1 per hour "
                                         f"per station (got {r!r})"))
+    return issues
+
+
+def _check_units_and_interlocks(where: str, inst: InstrumentSpec, measured: list[str]) -> list[SpecIssue]:
+    """An instrument's ``units`` name outcomes it measures, once; its ``suspend_when`` is for a
+    kind whose RunEngine drives real hardware, one entry per PV."""
+    issues = []
+    if inst.suspend_when and inst.kind not in INTERLOCK_KINDS:
+        issues.append(SpecIssue(f"{where}.suspend_when", f"an interlock watches an EPICS PV beside real "
+                                f"hardware: it is for 'kind: epics' or 'kind: ophyd', not {inst.kind!r}; "
+                                "remove it (a simulator has no temperature to watch)"))
+    pvs = [i.pv for i in inst.suspend_when]
+    for j, pv in enumerate(pvs):
+        if pv in pvs[:j]:
+            issues.append(SpecIssue(f"{where}.suspend_when[{j}].pv", f"{pv!r} is watched twice; give its "
+                                    "allowed range once, with both 'min' and 'max'"))
+    for o, u in inst.units.items():
+        declared = inst.epics.results[o].units if inst.epics is not None and o in inst.epics.results else None
+        if o not in measured:
+            issues.append(SpecIssue(f"{where}.units.{o}", f"instrument {inst.name!r} does not measure {o!r} "
+                                    f"(it measures {measured}); name one of those"))
+        elif declared is not None and declared != u:
+            issues.append(SpecIssue(f"{where}.units.{o}", f"says {u!r} but epics.results.{o}.units says "
+                                    f"{declared!r}; give the units once"))
     return issues
 
 

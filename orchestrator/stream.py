@@ -12,7 +12,8 @@ documents a second every system call counts)::
 
     topic      b"doc" (event-model documents), b"trial", b"proposal", b"veto",
                b"model", b"calibration", b"command", b"station" (a station taken out of
-               rotation or brought back) (campaign events), b"_sync" (link checks)
+               rotation or brought back), b"suspension" (an interlock held a run), b"retry" (a
+               failed read attempt) (campaign events), b"_sync" (link checks)
     b"\0"      end of the topic (subscriptions match b"doc\0", never a longer topic)
     stamp      big-endian uint64 seq, float64 unix time, uint8 length of the name
     publisher  its name, UTF-8 (host:pid:random unless named)
@@ -60,7 +61,8 @@ import zmq
 
 log = logging.getLogger("labpilot.stream")
 
-TOPICS = ("doc", "trial", "proposal", "veto", "model", "calibration", "command", "station")
+TOPICS = ("doc", "trial", "proposal", "veto", "model", "calibration", "command", "station", "suspension",
+          "retry")
 SYNC = "_sync"
 DEFAULT_HWM = 1_000_000  # messages queued per socket before ZeroMQ drops (a burst of a night's documents)
 #: the largest message a subscriber (and the proxy) takes, in bytes; ``LABPILOT_STREAM_MAX_MESSAGE``

@@ -1,4 +1,5 @@
-"""Stand-ins for hardware: analytic problems, tables of real experiments, simulated devices.
+"""Stand-ins for hardware: analytic problems (also under a campaign's own names), tables of real
+experiments, emulators fitted to them, simulated devices.
 
 Names are loaded on first use (PEP 562), so reading a problem's parameters (``labpilot
 validate``) does not import ophyd and bluesky with the simulated devices.
@@ -14,6 +15,7 @@ _WHERE = {
     "make_simulated_device": "simulators.devices",
     "ANALYTIC": "simulators.problems", "ProblemError": "simulators.problems", "SimProblem": "simulators.problems",
     "load_problem": "simulators.problems", "load_table": "simulators.problems", "regret": "simulators.problems",
+    "map_problem": "simulators.rehearsal", "emulated_problem": "simulators.emulator",
 }
 
 

@@ -19,6 +19,11 @@ from instruments.binding import signal_attr
 from simulators.problems import SimProblem
 
 
+def _wait(seconds: float) -> None:
+    """A measurement's time passing (its own function, so a test can record instead of sleep)."""
+    threading.Event().wait(seconds)
+
+
 class InstrumentFault(RuntimeError):
     """A simulated instrument failed to measure (as a real one might)."""
 
@@ -27,13 +32,14 @@ class InstrumentFault(RuntimeError):
 class Behaviour:
     """How the simulated instrument behaves beyond the physics.
 
-    latency: seconds a measurement takes. noise: standard deviation of the
+    latency: seconds a measurement takes, or ``(low, high)``: drawn uniformly for each
+    measurement from the device's seeded generator (instruments that take a varying time). noise: standard deviation of the
     Gaussian noise added to every outcome. drift: added to outcomes per
     measurement made (a slowly drifting detector). failure_rate / hang_rate:
     probability that a measurement raises a fault / never finishes.
     """
 
-    latency: float = 0.0
+    latency: float | tuple[float, float] = 0.0
     noise: float = 0.0
     drift: float = 0.0
     failure_rate: float = 0.0
@@ -68,12 +74,13 @@ class SimulatedInstrumentBase(Device):
             noise = self._rng.normal(0.0, 1.0, size=len(self.problem.outcomes))
             offset = b.drift * self._measurements
             self._measurements += 1
+            latency = b.latency if isinstance(b.latency, int | float) else float(self._rng.uniform(*b.latency))
 
         def measure() -> None:
             if draw < b.hang_rate:
                 return  # never finishes: the runner's watchdog must catch it
-            if b.latency:
-                threading.Event().wait(b.latency)
+            if latency:
+                _wait(latency)
             if draw < b.hang_rate + b.failure_rate:
                 status.set_exception(InstrumentFault(f"{self.name}: simulated measurement fault"))
                 return

@@ -6,6 +6,7 @@ serves, for each parameter ``NAME`` of the problem:
 - ``{prefix}NAME``         the setpoint; a put completes when the readback has arrived
 - ``{prefix}NAME:RBV``     the readback, moving towards the setpoint at ``--speed`` units/s
 - ``{prefix}NAME:MOVING``  1 while moving
+- ``{prefix}SPEED``        the readbacks' speed in units/s (``--speed``; writable)
 
 and for the measurement:
 
@@ -13,12 +14,15 @@ and for the measurement:
 - ``{prefix}BUSY``     1 while measuring
 - ``{prefix}OUTCOME``  one result PV per outcome (with units), plus noise and drift
 - ``{prefix}COUNT``    advances after each measurement (a fresh result, not a stale one)
+- ``{prefix}TRIGGERS`` advances with each acquisition asked for (ACQUIRE written), failed ones too
+- ``{prefix}temperature``  a writable interlock PV (degC, 20 at start) for ``suspend_when``
 - ``{prefix}ERROR``    why the last acquisition failed ('' when it did not)
 - ``{prefix}FAULT_COUNT``  how many moves or acquisitions the fault hits before it clears
   itself (0: until FAULT is written again)
 - ``{prefix}FAULT``    ``none``, ``hang_move`` (moves never finish), ``nan`` (NaN results),
   ``acquire_error`` (the acquisition fails), ``disconnect`` (the IOC stops answering for
-  ``{prefix}FAULT_SECONDS`` seconds)
+  ``{prefix}FAULT_SECONDS`` seconds), ``read_error`` (after an acquisition, a read of a result PV
+  is refused; its monitors go on)
 
 :func:`start_ioc` runs it in a subprocess with the loopback environment and its own port.
 """
@@ -42,7 +46,7 @@ from typing import Any
 
 from instruments.epics_env import LOOPBACK_ENV
 
-FAULTS = ["none", "hang_move", "nan", "acquire_error", "disconnect"]
+FAULTS = ["none", "hang_move", "nan", "acquire_error", "disconnect", "read_error"]
 STEP_S = 0.02  # how often a moving readback is updated
 
 
@@ -65,16 +69,23 @@ def _hook(method: str, a: str | None, cast: Any) -> Any:
     ``group.method([a,] value)``."""
 
     async def putter(group, instance, value):
+        if group._journal and a is not None:  # a setpoint: journaled as it arrives, before it acts
+            with open(group._journal, "a") as f:
+                f.write(json.dumps({"pv": instance.pvname, "value": value, "t": time.time()}) + "\n")
         args = (cast(value),) if a is None else (a, cast(value))
         return await getattr(group, method)(*args)
 
     return putter
 
 
-def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, noise: float = 0.0,
+def make_group(problem: Any, *, speed: float = 50.0, latency: float | tuple[float, float] = 0.05,
+               noise: float = 0.0,
                drift: float = 0.0, units: dict[str, str] | None = None, seed: int = 0,
-               log: str | Path | None = None) -> type:
-    """A caproto ``PVGroup`` class serving ``problem`` (a :class:`~simulators.problems.SimProblem`)."""
+               log: str | Path | None = None, journal: str | Path | None = None) -> type:
+    """A caproto ``PVGroup`` class serving ``problem`` (a :class:`~simulators.problems.SimProblem`).
+
+    ``log``: each acquisition (the readbacks it measured at, the values); ``journal``: every
+    setpoint put the IOC receives, as it arrives (what reached the hardware), one JSON line each."""
     import numpy as np
     from caproto import ChannelType
     from caproto.server import PVGroup, pvproperty
@@ -102,10 +113,21 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
         attrs[f"{a}_rbv"] = pvproperty(value=str(p.choices[0]), name=f"{p.name}:RBV", dtype=ChannelType.STRING,
                                        read_only=True)
         attrs[a] = attrs[a].putter(_hook("_set_choice", a, str))
+    async def result_getter(group, instance):
+        # armed by an acquisition: a client's reads when it connects are not the ones to refuse
+        if group._reads_armed and await group._fault("read_error"):
+            raise RuntimeError("simulated read fault")
+        return None  # the value as it is
+
     for o in problem.outcomes:
         attrs[f"r_{_attr(o)}"] = pvproperty(value=math.nan, name=o, read_only=True, precision=5,
-                                            units=units.get(o, "a.u."), doc=f"result {o}")
+                                            units=units.get(o, "a.u."), doc=f"result {o}").getter(result_getter)
     attrs["count"] = pvproperty(value=0, name="COUNT", read_only=True, doc="acquisitions finished")
+    attrs["speed"] = pvproperty(value=float(speed), name="SPEED", doc="readback speed, units per second")
+    attrs["triggers"] = pvproperty(value=0, name="TRIGGERS", read_only=True,
+                                   doc="acquisitions asked for, failed ones included")
+    attrs["temperature"] = pvproperty(value=20.0, name="temperature", precision=2, units="degC",
+                                      doc="an interlock PV: write it out of range to trip a suspend_when")
     attrs["busy"] = pvproperty(value=0, name="BUSY", read_only=True, doc="1 while acquiring")
     attrs["error"] = pvproperty(value="", name="ERROR", dtype=ChannelType.STRING, read_only=True)
     attrs["fault"] = pvproperty(value="none", name="FAULT", dtype=ChannelType.ENUM, enum_strings=FAULTS)
@@ -116,6 +138,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
         _hook("_acquire", None, int))
 
     async def fault_putter(group, instance, value):
+        group._reads_armed = False
         if value == "disconnect":
             await group.fault.write("none")  # written before the freeze, so it is not stuck on
             group._disconnect(float(group.fault_seconds.value))
@@ -126,6 +149,8 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
 
     class Base(PVGroup):
         _generation: dict[str, int] = {}
+        _journal = str(journal) if journal else None
+        _reads_armed = False  # a 'read_error' fault hits the reads after an acquisition
 
         async def _fault(self, name: str) -> bool:
             """Whether fault ``name`` hits now; it clears after ``FAULT_COUNT`` hits (when set)."""
@@ -149,7 +174,7 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
                     return target
                 while self._generation[a] == generation:  # a newer move takes over
                     current = float(rbv.value)
-                    step = max(speed, 1e-9) * STEP_S
+                    step = max(float(self.speed.value), 1e-9) * STEP_S
                     if abs(target - current) <= step:
                         await rbv.write(target)
                         break
@@ -165,11 +190,15 @@ def make_group(problem: Any, *, speed: float = 50.0, latency: float = 0.05, nois
             return value
 
         async def _acquire(self, value: Any) -> Any:
+            await self.triggers.write(int(self.triggers.value) + 1)
+            if self.fault.value == "read_error":
+                self._reads_armed = True
             await self.busy.write(1)
             await self.error.write("")
             try:
-                if latency:
-                    await asyncio.sleep(latency)
+                seconds = latency if isinstance(latency, int | float) else float(rng.uniform(*latency))
+                if seconds:
+                    await asyncio.sleep(seconds)
                 point = {p.name: float(getattr(self, f"{_attr(p.name)}_rbv").value) for p in numeric}
                 point.update({p.name: getattr(self, f"{_attr(p.name)}_rbv").value for p in categorical})
                 fault = self.fault.value
@@ -211,15 +240,30 @@ def serve(problem_name: str, prefix: str = "sim:", port: int | None = None, **op
         os.environ["EPICS_CA_SERVER_PORT"] = str(port)
     from caproto.server import run
 
-    from simulators.problems import load_problem
-
-    problem = load_problem(problem_name)
-    problem.evaluate({p.name: p.lower for p in problem.parameters})  # import the physics before serving
+    problem = _problem(problem_name)
+    # import the physics before serving
+    problem.evaluate({p.name: p.choices[0] if hasattr(p, "choices") else p.lower for p in problem.parameters})
     group = make_group(problem, **options)(prefix=prefix)
     logging.getLogger("caproto.ctx").addFilter(_no_refused_beacons)
     print(f"serving {problem.name} as {prefix}* on 127.0.0.1:{os.environ.get('EPICS_CA_SERVER_PORT', 5064)}",
           flush=True)
     run(group.pvdb, interfaces=["127.0.0.1"], log_pv_names=False)
+
+
+def _problem(name: str) -> Any:
+    """A simulator problem by name, or ``package.module:ATTR`` naming a ``SimProblem`` of your own."""
+    from simulators.problems import ProblemError, load_problem
+
+    if ":" not in name:
+        return load_problem(name)
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        problem = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ProblemError(f"cannot load {name!r}: {exc}; give a problem name or package.module:ATTR") from exc
+    return problem() if callable(problem) else problem
 
 
 def _no_refused_beacons(record: logging.LogRecord) -> bool:
@@ -231,23 +275,40 @@ def _no_refused_beacons(record: logging.LogRecord) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("problem", help="a simulator problem: branin, hartmann6, branincurrin")
+    p.add_argument("problem", help="a simulator problem (branin, hartmann6, branincurrin, ...) or "
+                   "package.module:ATTR naming a SimProblem of your own")
     p.add_argument("--prefix", default="sim:", help="PV name prefix (default sim:)")
     p.add_argument("--port", type=int, default=None, help="EPICS_CA_SERVER_PORT (default 5064)")
     p.add_argument("--speed", type=float, default=50.0, help="readback speed, units per second")
-    p.add_argument("--latency", type=float, default=0.05, help="seconds one acquisition takes")
+    p.add_argument("--latency", type=_latency, default=0.05, metavar="S|LOW:HIGH",
+                   help="seconds one acquisition takes, or LOW:HIGH drawn uniformly for each (default 0.05)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on every result")
     p.add_argument("--drift", type=float, default=0.0, help="added to results per acquisition")
     p.add_argument("--units", action="append", default=[], metavar="OUTCOME=UNIT",
                    help="units of a result PV (default a.u.)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="append each acquisition (JSON lines) to this file")
+    p.add_argument("--journal", default=None,
+                   help="append every setpoint put the IOC receives (JSON lines) to this file")
+
+
+def _latency(text: str) -> float | tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        value = (float(low), float(high)) if sep else float(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds (0.5) or LOW:HIGH (0.5:2)") from None
+    lo, hi = value if sep else (value, value)
+    if not (0 <= lo <= hi and math.isfinite(hi)):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be >= 0 and LOW <= HIGH")
+    return value
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     units = dict(u.split("=", 1) for u in args.units)
     serve(args.problem, args.prefix, args.port, speed=args.speed, latency=args.latency, noise=args.noise,
-          drift=args.drift, units=units, seed=args.seed, log=args.log)
+          drift=args.drift, units=units, seed=args.seed, log=args.log,
+          journal=args.journal)
     return 0
 
 

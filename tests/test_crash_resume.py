@@ -204,3 +204,33 @@ def test_the_wall_time_budget_counts_every_session(tmp_path, prefect_api_url):
     assert ledger.runs_done(cid) == first  # the budget was already spent
     assert "wall-time budget spent" in ledger.campaign().stop_reason
     ledger.close()
+
+
+def test_a_trial_recorded_on_resume_from_its_documents_keeps_its_units(tmp_path):
+    """A crash after the measurement: the resumed campaign records the result from the run's
+    documents in the ledger, with the units the campaign file declares."""
+    from orchestrator.flows import CampaignRuntime
+    from orchestrator.spec import parse_campaign
+    from planners.base import Proposal
+
+    spec = parse_campaign({
+        "name": "units-on-resume", "seed": 1, "objectives": [{"y": "minimize"}],
+        "parameters": [{"name": "x1", "type": "float", "lower": -5, "upper": 10},
+                       {"name": "x2", "type": "float", "lower": 0, "upper": 15}],
+        "instruments": [{"name": "bench", "simulator": "branin", "units": {"y": "mW"}}]})
+    first = CampaignRuntime(spec, tmp_path)
+    ledger, cid = first.ledger, first.campaign_id
+    trial = ledger.propose(cid, Proposal(parameters={"x1": 1.0, "x2": 2.0}, planner="sobol", seed=1))
+    ledger.transition(trial, "approved", "system")
+    ledger.transition(trial, "running", "system", instrument="bench")
+    _, docs = first.runners[0].run({"x1": 1.0, "x2": 2.0}, {"trial_id": trial})
+    for name, doc in docs:  # what the journal wrote before the "crash"
+        ledger.record_document(trial, name, doc)
+    first.close()
+    again = CampaignRuntime(spec, tmp_path)
+    try:
+        again.recover()
+        row = again.ledger.trial(trial)
+        assert row.state == "completed" and row.observation.units == {"y": "mW"}
+    finally:
+        again.close()

@@ -5,25 +5,22 @@ reasons, and EPICS base's own soft IOC (pvxslibs)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from datetime import UTC
+from pathlib import Path
 
-from simulators.ioc import LOOPBACK_ENV, free_port
+import pytest
 
-# Before anything imports pyepics: search only the two IOCs of this module, on this host.
-PORT, SOFT_PORT = free_port(), free_port()
-os.environ.update(LOOPBACK_ENV)
-os.environ["EPICS_CA_ADDR_LIST"] = f"127.0.0.1:{PORT} 127.0.0.1:{SOFT_PORT}"
+from orchestrator.cli import main
+from orchestrator.ledger import Ledger, sqlite_url
+from simulators.ioc import LOOPBACK_ENV, free_port, pv_answers, start_ioc
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from orchestrator.cli import main  # noqa: E402
-from orchestrator.ledger import Ledger, sqlite_url  # noqa: E402
-from simulators.ioc import pv_answers, start_ioc  # noqa: E402
-from tests.test_control import Running, until  # noqa: E402
+# this run's IOC ports (tests/conftest.py set the loopback environment before any test module loaded)
+from tests.epics_ports import SIM as PORT
+from tests.epics_ports import SOFT as SOFT_PORT
+from tests.test_control import Running, until
 
 HERE = Path(__file__).parent
 
@@ -39,8 +36,8 @@ planner: {{name: sobol}}
 instruments:
   - name: ioc
     kind: epics
-    timeout: 30
-    epics:
+    timeout: {timeout}
+{extra}    epics:
 {epics}
 """
 
@@ -71,7 +68,7 @@ SOFT_EPICS = """\
 @pytest.fixture(scope="module")
 def ioc(tmp_path_factory):
     log = tmp_path_factory.mktemp("ioc") / "acquisitions.jsonl"
-    handle = start_ioc("branin", "lt:", PORT, log=log, extra=["--speed", "100"])
+    handle = start_ioc("branin", "lt:", PORT, log=log, extra=["--speed", "100", "--units", "y=mW"])
     try:
         yield handle
     finally:
@@ -80,6 +77,9 @@ def ioc(tmp_path_factory):
 
 @pytest.fixture
 def caput(ioc):
+    # ophyd first: pyepics then makes its PVs of ophyd's class, and a PV this test writes (a
+    # setpoint, the interlock) is the same cached PV the instrument's signals take by name
+    import ophyd  # noqa: F401, I001
     import epics
 
     def put(pv: str, value):
@@ -87,13 +87,18 @@ def caput(ioc):
 
     put("lt:FAULT", "none")
     put("lt:FAULT_COUNT", 0)
+    put("lt:temperature", 20.0)
     yield put
     put("lt:FAULT", "none")
+    put("lt:SPEED", 100.0)
+    put("lt:temperature", 20.0)
 
 
-def _write(tmp_path: Path, tag: str, trials: int, epics: str = SIM_EPICS) -> Path:
+def _write(tmp_path: Path, tag: str, trials: int, epics: str = SIM_EPICS, timeout: float = 30,
+           extra: str = "") -> Path:
+    """A campaign file on the IOC; ``extra``: more lines of the instrument (indented 4)."""
     path = tmp_path / f"{tag}.yaml"
-    path.write_text(CAMPAIGN.format(tag=tag, trials=trials, epics=epics))
+    path.write_text(CAMPAIGN.format(tag=tag, trials=trials, epics=epics, timeout=timeout, extra=extra))
     return path
 
 
@@ -125,7 +130,14 @@ def test_a_campaign_drives_the_ioc_and_the_ledger_holds_what_it_measured(tmp_pat
     assert [t.state for t in rows] == ["completed"] * 5, [(t.state, t.reason) for t in rows]
     for t in rows:
         assert t.observation.values["y"] == _measured(ioc, t)["values"]["y"]
+        assert t.observation.units == {"y": "mW"}
     assert time.monotonic() - t0 < 30
+    assert main(["export", str(tmp_path / "run")]) == 0
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "run" / "trials.csv")
+    columns = list(frame.columns)
+    assert columns[columns.index("outcome.y") + 1] == "unit.y" and set(frame["unit.y"]) == {"mW"}
 
 
 @pytest.mark.usefixtures("prefect_api_url")
@@ -188,7 +200,7 @@ def test_a_done_pv_and_a_busy_trigger(ioc, caput):
         last = ioc.acquisitions()[-1]
         assert last["point"] == {"x1": x1, "x2": x2} and obs.values["y"] == last["values"]["y"]
         units = [d["data_keys"]["ioc_y"]["units"] for n, d in docs if n == "descriptor"]
-        assert units == ["a.u."]  # the PV's own units
+        assert units == ["mW"] and obs.units == {"y": "mW"}  # the PV's own units
 
 
 def test_an_ioc_that_stops_answering_fails_the_trial_and_the_next_one_works(ioc, caput):
@@ -273,3 +285,148 @@ def test_the_epics_instrument_sets_the_loopback_env_unless_the_user_did(own):
     assert done.returncode == 0, done.stderr
     seen = __import__("json").loads(done.stdout.strip().splitlines()[-1])
     assert {k: seen.get(k) for k in LOOPBACK_ENV} == {**LOOPBACK_ENV, **({"EPICS_CA_ADDR_LIST": own} if own else {})}
+
+
+# ---- interlocks (suspend_when), units, retried reads ---------------------------------------------
+
+SLOW_EPICS = SIM_EPICS.replace("timeout: 2", "timeout: 6")  # moves at a few units a second
+
+
+def _caget(pv: str):
+    import epics
+
+    value = epics.caget(pv, timeout=5)
+    assert value is not None, pv
+    return value
+
+
+@pytest.mark.usefixtures("prefect_api_url")
+def test_an_interlock_out_of_range_suspends_the_run_and_the_trial_completes_once_it_is_back(
+        tmp_path, ioc, caput):
+    """The temperature leaves its range while trial 1 moves: the run is suspended (nothing is
+    acquired while out of range, and the watchdog does not time the trial out), goes on once it
+    is back, and the ledger and the stream say when."""
+    caput("lt:x1", 10.0)  # far from the first point (x1 -3.97, x2 3.37): long moves to trip during
+    caput("lt:x2", 15.0)
+    caput("lt:SPEED", 6.0)
+    path = _write(tmp_path, "interlock", trials=2, epics=SLOW_EPICS, timeout=2.5, extra=(
+        "    suspend_when: [{pv: 'lt:temperature', min: 10, max: 80, resume_after: 0.5}]\n"))
+    out = tmp_path / "run"
+    run = Running(path, out)
+    heard = []
+    run.runtime.ledger.listeners.append(lambda topic, body: heard.append(body) if topic == "suspension" else None)
+    until(lambda: _caget("lt:x1:MOVING") == 1 or _caget("lt:x2:MOVING") == 1, what="trial 1 moving")
+    triggers = _caget("lt:TRIGGERS")
+    caput("lt:temperature", 95.0)
+    time.sleep(3.0)  # longer than the trial's whole timeout
+    assert _caget("lt:TRIGGERS") == triggers, "an acquisition happened while the interlock was out of range"
+    assert [t.state for t in _trials(out)] == ["running"]
+    caput("lt:SPEED", 100.0)
+    caput("lt:temperature", 20.0)
+    run.join(60)
+    rows = _trials(out)
+    assert [t.state for t in rows] == ["completed"] * 2, [(t.state, t.reason) for t in rows]
+    for t in rows:
+        assert t.observation.values["y"] == _measured(ioc, t)["values"]["y"]
+    ledger = Ledger(sqlite_url(out))
+    [held] = ledger.suspensions(ledger.campaign().id)
+    assert (held.trial_id, held.instrument, held.pv, held.value, held.cleared_value) == \
+        (rows[0].id, "ioc", "lt:temperature", 95.0, 20.0)
+    assert 2.5 < (held.cleared_at - held.tripped_at).total_seconds() < 6
+    assert (held.resumed_at - held.cleared_at).total_seconds() == pytest.approx(0.5)
+    assert rows[0].started_at < held.tripped_at and held.resumed_at < rows[0].finished_at
+    assert [(b["state"], b["number"], b["value"]) for b in heard] == [("tripped", 1, 95.0), ("cleared", 1, 95.0)]
+    assert heard[1]["resumed_at"] == pytest.approx(held.resumed_at.replace(tzinfo=UTC).timestamp())
+
+
+def test_a_trial_held_by_an_interlock_past_its_max_wait_is_given_up_and_nothing_acquired(ioc, caput):
+    from instruments import Instrument, InstrumentRunner, InterlockHeld
+    from instruments.epics import make_epics_device
+    from instruments.interlock import epics_interlock
+    from orchestrator.spec import EpicsSpec
+
+    caput("lt:temperature", 5.0)
+    spec = EpicsSpec.model_validate({"prefix": "lt:", "parameters": {"x1": "x1", "x2": "x2"},
+                                     "trigger": "ACQUIRE", "results": {"y": "y"}, "counter": "COUNT", "timeout": 1})
+    events = []
+    runner = InstrumentRunner(Instrument(name="ioc", device=make_epics_device("ioc", spec), outcomes=["y"], timeout=10),
+                              interlocks=[epics_interlock("lt:temperature", 10, None, max_wait=0.5)],
+                              on_event=lambda kind, body: events.append((kind, body)))
+    triggers, t0 = _caget("lt:TRIGGERS"), time.monotonic()
+    with pytest.raises(InterlockHeld) as err:
+        runner.run({"x1": 1.0, "x2": 2.0}, {"trial_id": 7})
+    assert time.monotonic() - t0 < 3 and _caget("lt:TRIGGERS") == triggers
+    assert "lt:temperature >= 10 held the run" in str(err.value) and "max_wait of 0.5 s" in str(err.value)
+    assert [(k, b["what"], b["value"]) for k, b in events] == [("suspension", "tripped", 5.0)]
+    caput("lt:temperature", 20.0)
+    obs, _ = runner.run({"x1": 2.0, "x2": 3.0}, {"trial_id": 8})  # back in range: the next trial runs
+    assert obs.values["y"] == ioc.acquisitions()[-1]["values"]["y"]
+    runner.close()
+
+
+def test_a_malformed_suspend_when_or_retry_is_refused_naming_the_field_and_the_fix(tmp_path, capsys):
+    extra = ("    suspend_when: [{pv: 'lt:temperature', min: 80, max: 10}, {pv: 'lt:pressure'}]\n"
+             "    retry: {reads: 0, acquire: 2}\n")
+    assert main(["validate", str(_write(tmp_path, "bad", 2, extra=extra))]) == 2
+    said = capsys.readouterr()
+    err = " ".join((said.out + said.err).split())
+    assert "instruments[0].suspend_when[0]" in err and "min 80 is not below max 10; swap them" in err
+    assert "instruments[0].suspend_when[1]" in err and "'min', 'max' or both" in err
+    assert "instruments[0].retry" in err and "'acquire' cannot be retried" in err
+    sim = tmp_path / "sim.yaml"
+    sim.write_text(_write(tmp_path, "x", 2).read_text().replace(
+        "    kind: epics\n", "    simulator: branin\n    suspend_when: [{pv: T, max: 3}]\n    units: {z: K}\n").split(
+        "    epics:")[0])
+    assert main(["validate", str(sim)]) == 2
+    said = capsys.readouterr()
+    err = " ".join((said.out + said.err).split())
+    assert "instruments[0].suspend_when" in err and "not 'simulator'" in err
+    assert "instruments[0].units.z" in err and "does not measure 'z'" in err
+
+
+def test_a_result_pv_in_other_units_than_the_file_says_is_refused_at_connect(ioc):
+    from instruments.epics import EpicsUnitsMismatch
+
+    with pytest.raises(EpicsUnitsMismatch) as err:
+        _runner({"prefix": "lt:", "parameters": {"x1": "x1", "x2": "x2"}, "trigger": "ACQUIRE",
+                 "results": {"y": {"pv": "y", "units": "W"}}, "counter": "COUNT", "timeout": 1})
+    assert "says y is in 'W' but its PV lt:y says 'mW'" in str(err.value)
+
+
+RETRY_EPICS = SIM_EPICS.replace("timeout: 2", "timeout: 1")
+
+
+@pytest.mark.usefixtures("prefect_api_url")
+def test_a_read_that_fails_is_retried_each_attempt_recorded_and_one_that_keeps_failing_fails_its_trial(
+        tmp_path, ioc, caput):
+    caput("lt:FAULT_COUNT", 4)  # trial 1: three reads refused (fails); trial 2: one (read again)
+    caput("lt:FAULT", "read_error")
+    triggers = _caget("lt:TRIGGERS")
+    out = tmp_path / "run"
+    rows = _run(_write(tmp_path, "retry", trials=3, epics=RETRY_EPICS,
+                       extra="    retry: {reads: 3, delay: 0.1}\n"), out, 3)
+    assert [t.state for t in rows] == ["failed", "completed", "completed"], [(t.state, t.reason) for t in rows]
+    assert "the read of ioc failed 3 time(s)" in rows[0].reason and "Get failed" in rows[0].reason
+    for t in rows[1:]:
+        assert t.observation.values["y"] == _measured(ioc, t)["values"]["y"]
+    assert _caget("lt:TRIGGERS") - triggers == 3  # one acquisition per trial: a read again is not one
+    ledger = Ledger(sqlite_url(out))
+    attempts = [(r.trial_id, r.step, r.attempt, r.attempts_allowed) for r in ledger.retries(ledger.campaign().id)]
+    assert attempts == [(rows[0].id, "read of ioc", 1, 3), (rows[0].id, "read of ioc", 2, 3),
+                        (rows[0].id, "read of ioc", 3, 3), (rows[1].id, "read of ioc", 1, 3)]
+    assert main(["status", str(out)]) == 0
+
+
+@pytest.mark.usefixtures("prefect_api_url")
+def test_an_acquisition_that_fails_is_not_retried(tmp_path, ioc, caput):
+    caput("lt:FAULT_COUNT", 1)
+    caput("lt:FAULT", "acquire_error")
+    triggers = _caget("lt:TRIGGERS")
+    out = tmp_path / "run"
+    rows = _run(_write(tmp_path, "acq", trials=2, epics=RETRY_EPICS, extra="    retry: {reads: 3, delay: 0.1}\n"),
+                out, 2)
+    assert [t.state for t in rows] == ["failed", "completed"], [(t.state, t.reason) for t in rows]
+    assert "simulated acquisition fault" in rows[0].reason
+    assert _caget("lt:TRIGGERS") - triggers == 2
+    ledger = Ledger(sqlite_url(out))
+    assert ledger.retries(ledger.campaign().id) == []

@@ -160,6 +160,30 @@ def test_reader_refuses_runs_without_a_finite_value_for_every_outcome():
         read_observation([stop_ok], keys)
 
 
+def test_the_reader_takes_units_from_the_device_or_the_file_and_refuses_a_disagreement():
+    start, stop = ("start", {"uid": "run-1"}), ("stop", {"exit_status": "success", "run_start": "run-1"})
+
+    def run(units: str | None) -> list:
+        key = {"source": "PV:y", "dtype": "number", "shape": []} | ({"units": units} if units else {})
+        return [start, ("descriptor", {"uid": "d1", "data_keys": {"dev_y": key}}),
+                ("event", {"descriptor": "d1", "data": {"dev_y": 2.0}}), stop]
+
+    keys = {"y": "dev_y"}
+    assert read_observation(run("mW"), keys).units == {"y": "mW"}  # the device's (a PV's EGU)
+    assert read_observation(run(None), keys, {"y": "%"}).units == {"y": "%"}  # the file's
+    assert read_observation(run("mW"), keys, {"y": "mW"}).units == {"y": "mW"}
+    assert read_observation(run(None), keys).units == {}
+    with pytest.raises(MeasurementError, match="reads in 'W' but the campaign file says 'mW'"):
+        read_observation(run("W"), keys, {"y": "mW"})
+
+
+def test_units_declared_for_a_simulated_instrument_reach_the_observation():
+    device = make_simulated_device(load_problem("branin"), "reactor", Behaviour())
+    runner = InstrumentRunner(Instrument(name="reactor", device=device, outcomes=["y"], units={"y": "%"}))
+    observation, _ = runner.run({"x1": 2.5, "x2": 7.0}, {"trial_id": 1})
+    assert observation.units == {"y": "%"}
+
+
 # ---- noise and drift --------------------------------------------------------------------
 def _measure(device_seed: int, noise: float = 0.5, drift: float = 0.0, n: int = 3) -> list[float]:
     runner, _, _ = _runner(load_problem("branin"), behaviour=Behaviour(noise=noise, drift=drift,
@@ -492,3 +516,31 @@ def test_experiment_plan_bounds_its_status_waits_without_the_runners_watchdog(re
     stop = _only(docs, "stop")
     assert stop["exit_status"] == "fail"
     assert "moving reactor_x did not finish within 0.3 s" in stop["reason"]
+
+
+
+def test_a_latency_range_draws_each_measurement_time_from_it_reproducibly(monkeypatch):
+    """``latency: [low, high]``: each measurement waits a time drawn uniformly from the range, from
+    the device's seeded generator (the utilisation benchmark's instruments of varying speed)."""
+    import simulators.devices as devices
+
+    waits: list[float] = []
+
+    monkeypatch.setattr(devices, "_wait", waits.append)  # each measurement's time, recorded, not slept
+    problem = load_problem("branin")
+
+    def times(seed: int) -> list[float]:
+        waits.clear()
+        runner, _, _ = _runner(problem, behaviour=Behaviour(latency=(0.5, 2.0), seed=seed))
+        for _ in range(8):
+            runner.run({"x1": 1.0, "x2": 2.0}, {})
+        return list(waits)
+
+    a = times(4)
+    assert len(a) == 8 and all(0.5 <= t <= 2.0 for t in a), a
+    assert len(set(a)) == 8 and max(a) - min(a) > 0.3, a  # drawn for each, not one fixed latency
+    assert times(4) == a and times(5) != a  # the device's seed decides them
+    runner, _, _ = _runner(problem, behaviour=Behaviour(latency=0.25, seed=4))
+    waits.clear()
+    runner.run({"x1": 1.0, "x2": 2.0}, {})
+    assert waits == [0.25]

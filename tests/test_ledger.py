@@ -337,3 +337,28 @@ def test_campaign_finish_is_recorded(ledger, campaign):
 def test_empty_ledger_says_to_run_a_campaign_first(ledger):
     with pytest.raises(LookupError, match="labpilot run"):
         ledger.campaign()
+
+
+def test_a_suspension_and_a_failed_read_attempt_are_recorded_told_and_shown_by_status(ledger, campaign):
+    from datetime import UTC, datetime
+
+    from orchestrator.cli import _instrument_lines
+
+    heard = []
+    ledger.listeners.append(lambda topic, body: heard.append((topic, body)))
+    trial = _propose(ledger, campaign)
+    _run_to(ledger, trial, "running")
+    t0 = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
+    ledger.record_suspension(campaign, "ioc", "lt:temperature", "10 <= lt:temperature <= 80", 95.5, trial, t0)
+    ledger.clear_suspension(campaign, "ioc", "lt:temperature", 20.0, t0.replace(second=7), resume_after=2)
+    ledger.record_retry(campaign, trial, "ioc", "read of ioc", 1, 3, "ReadTimeoutError: lt:y", t0.replace(second=9))
+    [row] = ledger.suspensions(campaign)
+    assert (row.value, row.cleared_value, row.trial_id) == (95.5, 20.0, trial)
+    assert (row.resumed_at.replace(tzinfo=UTC) - t0).total_seconds() == 9
+    assert [(t, b.get("state"), b.get("attempt")) for t, b in heard if t in ("suspension", "retry")] == \
+        [("suspension", "tripped", None), ("suspension", "cleared", None), ("retry", None, 1)]
+    lines = "\n".join(_instrument_lines(ledger.suspensions(campaign), ledger.retries(campaign),
+                                        {trial: 1}))
+    assert "ioc: lt:temperature = 95.5 (allowed 10 <= lt:temperature <= 80) tripped at" in lines
+    assert "during trial 1; back in range at" in lines and "(20), the run went on at" in lines
+    assert "trial 1 on ioc: read of ioc, attempt 1 of 3, failed at" in lines and "ReadTimeoutError: lt:y" in lines

@@ -90,6 +90,20 @@ MALFORMED = [
     ("budget NaN trials", _with("{max_trials: 4}", "{max_trials: .nan}"), "budget.max_trials"),
     ("constraint rhs inf", BASE + "constraints: ['x1 + x2 <= .inf']\n", "constraints[0]"),
     ("latency inf", _with("simulator: branin}", "simulator: branin, latency: .inf}"), "instruments[0].latency"),
+    ("noise on real hardware", _with("{name: reactor, simulator: branin}",
+                                     "{name: reactor, device: 'tests.lab_factories:bench', outcomes: [y], "
+                                     "noise: 0.1}"), "instruments[0]"),
+    ("latency on an epics instrument", _with("{name: reactor, simulator: branin}",
+                                             "{name: reactor, latency: 1, epics: {parameters: {x1: x1, x2: x2}, "
+                                             "results: {y: y}}}"), "instruments[0]"),
+    ("two stations on one IOC's PVs", _with("{name: reactor, simulator: branin}",
+                                            "{name: reactor, concurrency: 2, epics: {parameters: {x1: x1, x2: x2}, "
+                                            "results: {y: y}}}"), "instruments[0]"),
+    ("latency negative", _with("simulator: branin}", "simulator: branin, latency: -1}"), "instruments[0].latency"),
+    ("latency range reversed", _with("simulator: branin}", "simulator: branin, latency: [2, 1]}"),
+     "instruments[0].latency"),
+    ("latency range of three", _with("simulator: branin}", "simulator: branin, latency: [1, 2, 3]}"),
+     "instruments[0].latency"),
     ("choice NaN", _with("parameters:\n", "parameters:\n  - {name: s, type: categorical, choices: [1.5, .nan]}\n"),
      "parameters[0].choices[1]"),
     ("forbidden unknown parameter", BASE + "safety: {forbidden: ['x1 + x9 >= 3']}\n", "safety.forbidden[0]"),
@@ -162,3 +176,16 @@ def test_a_bad_new_safety_field_says_what_to_write(tmp_path):
     issues = {i.path: i.message for i in err.value.issues}
     assert "positive number" in issues["safety.max_step.x1"]
     assert "unknown instrument 'hplc'" in issues["safety.max_trials_per_hour.hplc"]
+
+
+def test_a_recorded_spec_of_real_hardware_reads_back(tmp_path):
+    """The ledger records the spec as a dump (every field, defaults too); reading it back (the
+    control layer does) must not take the defaults for simulated behaviour given by hand."""
+    from orchestrator.spec import CampaignSpec
+
+    path = tmp_path / "campaign.yaml"
+    path.write_text(_with("{name: reactor, simulator: branin}",
+                          "{name: reactor, device: 'tests.lab_factories:bench', outcomes: [y]}"))
+    spec = load_campaign(path)
+    again = CampaignSpec.model_validate(spec.model_dump(mode="json"))
+    assert again.instruments[0].kind == "ophyd"

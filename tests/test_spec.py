@@ -274,6 +274,19 @@ def test_file_that_is_not_text_is_bad_input_not_a_crash(tmp_path, capsys):
     assert str(path) in err
 
 
+def test_an_error_naming_a_long_path_prints_it_whole_on_one_line(tmp_path, capsys):
+    """Seen in a run: the console wrapped the error at 80 columns inside the path
+    ('.../campaig n.yaml'), which a user cannot copy back into a command."""
+    folder = tmp_path / ("a-campaign-folder-with-a-long-descriptive-name-" * 2)
+    folder.mkdir()
+    path = folder / "campaign.yaml"
+    path.write_bytes(b"name: \xff\xfe\x00 spec-test\n")
+
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert any(str(path) in line for line in err.splitlines()), err
+
+
 def test_missing_file_says_no_such_file_and_exit_2(tmp_path, capsys):
     path = tmp_path / "nowhere.yaml"
 

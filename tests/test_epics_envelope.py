@@ -1,0 +1,128 @@
+"""The safety envelope holds over Channel Access: through every planner, with attack proposals,
+resumed and operator-approved trials, two ``kind: epics`` stations (each its own caproto IOC)
+journal every setpoint put they receive, and none is outside a rule of the envelope.
+
+The in-process version of this test (tests/test_safety.py) journals at the ophyd device; this
+one journals at the IOC, past pyepics and the network: what reached the hardware."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from planners import PLANNERS
+from simulators.ioc import start_ioc
+from tests.epics_ports import STATION_A, STATION_B  # set before pyepics loads (conftest)
+from tests.test_safety import ENVELOPE_CAMPAIGN, _Adversary, envelope_scenario
+
+STATION = """\
+  - name: {name}
+    kind: epics
+    timeout: 10
+    epics:
+      prefix: '{prefix}'
+      parameters:
+        x1: {{setpoint: x1, put_complete: true}}
+        x2: {{setpoint: x2, put_complete: true}}
+        solvent: {{setpoint: solvent, put_complete: true}}
+      trigger: {{pv: ACQUIRE, error: ERROR}}
+      counter: COUNT
+      results: {{y: {{pv: y}}}}
+      timeout: 3
+"""
+
+
+@pytest.fixture(scope="module")
+def stations(tmp_path_factory):
+    """Two IOCs serving the envelope's mixed problem, each journaling the puts it receives."""
+    folder = tmp_path_factory.mktemp("stations")
+    handles = []
+    try:
+        for name, port in (("ea", STATION_A), ("eb", STATION_B)):
+            journal = folder / f"{name}.jsonl"
+            handles.append((name, journal, start_ioc("tests.envelope_device:PROBLEM", f"{name}:", port,
+                                                     extra=["--speed", "1000", "--latency", "0.01",
+                                                            "--journal", str(journal)])))
+        yield handles
+    finally:
+        for _, _, h in handles:
+            h.stop()
+
+
+def _received(journal: Path, prefix: str) -> list[tuple[str, object]]:
+    """(parameter, value) of every setpoint put the IOC received, in order."""
+    if not journal.exists():
+        return []
+    out = []
+    for line in journal.read_text().splitlines():
+        put = json.loads(line)
+        out.append((put["pv"].removeprefix(prefix), put["value"]))
+    return out
+
+
+def _runs(puts: list[tuple[str, object]]) -> list[dict]:
+    """The puts grouped into the points a station was moved to (a run writes x1, x2, solvent)."""
+    points, current = [], {}
+    for name, value in puts:
+        if name in current:
+            points.append(current)
+            current = {}
+        current[name] = value
+    if current:
+        points.append(current)
+    return points
+
+
+@pytest.mark.parametrize("planner", sorted(PLANNERS))
+def test_no_setpoint_outside_the_envelope_reaches_an_epics_ioc_through_any_planner(
+        prefect_api_url, stations, planner):
+    import tempfile
+
+    import yaml
+
+    from orchestrator.flows import CampaignRuntime, run_campaign
+    from orchestrator.settings import Settings
+    from orchestrator.spec import parse_campaign
+    from planners.base import Proposal
+
+    scenario = envelope_scenario(planner, salt="epics")
+    rhs, allowed, step, rate, attacks = (scenario[k] for k in ("rhs", "allowed", "step", "rate", "attacks"))
+    for _, journal, _ in stations:
+        journal.write_text("")
+    text = ENVELOPE_CAMPAIGN.format(planner=planner, rhs=rhs, allowed=allowed, step=step, rate=rate)
+    text = text.split("instruments:")[0] + "instruments:\n" + "".join(
+        STATION.format(name=name, prefix=f"{name}:") for name, _, _ in stations) + "safety:" + text.split("safety:")[1]
+    spec = parse_campaign(yaml.safe_load(text))
+    runtime = CampaignRuntime(spec, tempfile.mkdtemp(prefix="labpilot-epics-envelope-"),
+                              settings=Settings(trainer="off"))
+    try:
+        for p in attacks[:2] + [{"x1": 10.0, "x2": 14.0, "solvent": allowed[0]}]:  # operator's / resumed
+            tid = runtime.ledger.propose(runtime.campaign_id, Proposal(dict(p), "operator", 0))
+            runtime.ledger.transition(tid, "approved", "system", "approved by hand")
+        runtime.planner = _Adversary(runtime.planner, attacks[2:])
+        result = run_campaign(runtime)  # a raise anywhere fails the test
+        trials = runtime.ledger.trials(runtime.campaign_id)
+    finally:
+        runtime.close()
+    assert result.status in ("finished", "failed"), result.reason
+    started = 0
+    for name, journal, _ in stations:
+        runs = _runs(_received(journal, f"{name}:"))
+        for sent in runs:
+            assert set(sent) == {"x1", "x2", "solvent"}, (name, sent)  # every setpoint, every run
+            x1, x2, solvent = float(sent["x1"]), float(sent["x2"]), sent["solvent"]
+            assert math.isfinite(x1 + x2), sent
+            assert -5 <= x1 <= 10 and 0 <= x2 <= 14 and x1 - x2 <= 8, (name, sent)
+            assert not x1 + x2 >= rhs and solvent in allowed, (name, sent)
+        assert len(runs) <= rate, (name, runs)  # the campaign runs for seconds: at most one hour's worth
+        for a, b in zip(runs, runs[1:], strict=False):
+            assert abs(float(b["x1"]) - float(a["x1"])) <= step + 1e-9, (name, a, b)
+        started += len(runs)
+    assert not [t for t in trials if t.state in ("running", "proposed")], [(t.state, t.reason) for t in trials]
+    assert all(t.reason for t in trials if t.state == "vetoed")
+    assert started == sum(t.started_at is not None for t in trials)  # what the ledger started, the IOCs saw
+    assert started >= 1  # the envelope let something through: the journal is not empty by accident
+    print(planner, "runs reaching the IOCs:", started, "vetoed:", sum(t.state == "vetoed" for t in trials))
