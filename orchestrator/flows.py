@@ -39,6 +39,8 @@ from planners import Planner, Proposal, make_planner
 log = logging.getLogger("labpilot")
 
 MAX_CONSECUTIVE_VETOES = 25
+#: the trial id on ``done_q`` of the planner's answer asked ahead (not a trial)
+AHEAD = -1
 #: seconds between the loop's looks at the ledger for operator commands when nothing finishes
 POLL_SECONDS = 0.1
 #: the campaign's lock: renewed every LOCK_RENEW seconds, lapses after LOCK_LEASE without renewal
@@ -562,6 +564,9 @@ class _Dispatcher:
         self.applier = Applier(self.ledger, self.cid, self)
         self._init_rotation()
         self._continue_steps()
+        #: the planner's ask for the next trial, made while every station is busy: (inputs, since)
+        self.ahead: tuple[dict[str, Any], float] | None = None
+        self._ahead_on = self.asks_ahead()
 
     # ---- what the operator's commands call (orchestrator.control.Campaign) ----------
     def request_stop(self, reason: str) -> None:
@@ -989,39 +994,99 @@ class _Dispatcher:
             n = min(open_now - held, n - len(self.backlog))
         if approval.policy != "auto" and len(self.waiting) >= self.max_waiting():
             n = 0  # enough proposals wait for a person; ask for more once they answer
+        if self.ahead is not None:
+            n = 0  # the planner is already asked, ahead, for the next free station: wait for it
         if n > 0:
-            # The planner gets the ledger's history, the trials running or waiting and the model
-            # state of the latest proposal, nothing else, and the proposal records which: a
-            # decision replays exactly from the ledger (orchestrator.replay).
-            numbered = self.ledger.numbered_history(self.cid)
-            state_from, state = self.ledger.latest_model_state(self.cid)
-            pending = [(self.numbers[t], p) for t, p in self.in_flight.items()] + list(self.waiting.values())
-            inputs = {"history": [k for k, _ in numbered], "pending": [k for k, _ in pending],
-                      "pending_points": [p for _, p in pending],
-                      "state_from": state_from, "n": n, "trainer": self.rt.models is not None}
+            inputs, history, pending, state = self._ask_inputs(n)
             t0 = time.perf_counter()
-            proposals = propose(self.rt.planner, n, [h for _, h in numbered], [p for _, p in pending], state)
+            proposals = propose(self.rt.planner, n, history, pending, state)
             planner_seconds = time.perf_counter() - t0
             self.rt.timings["propose"].append(planner_seconds)
-            for i, p in enumerate(proposals):
-                tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i})
-                point = self.gate(tid, None)
-                if point is None:
-                    self.consecutive_vetoes += 1
-                    continue
-                if self.approval_wait(tid, p):
-                    self.consecutive_vetoes = 0
-                    continue
-                self.ledger.transition(tid, "approved", "system",
-                                       f"passed the safety envelope (approval policy: {approval.policy})")
-                runner = self.place(tid, point)  # None: vetoed by a station rule (counted), or waiting
-                if runner is not None:
-                    self.consecutive_vetoes = 0
-                    self.submit(runner, tid, point)
+            self._take(proposals, inputs, ahead=False)
         if (rate_closed or self.backlog) and not self.in_flight and self.spec.safety.stateful:
             time.sleep(POLL_SECONDS)  # the rate rule keeps the stations closed: do not spin on the ledger
         # Orchestration alone: ledger writes, safety gate, task submission (not the planner).
         self.rt.timings["overhead"].append(time.perf_counter() - t_iter - planner_seconds)
+
+    def _ask_inputs(self, n: int) -> tuple[dict[str, Any], list[Any], list[dict[str, Any]], Any]:
+        """What the planner is given for ``n`` proposals: the ledger's history, the trials running
+        or waiting (as pending points) and the model state of the latest proposal, nothing else;
+        the proposal records which, so a decision replays exactly from the ledger
+        (orchestrator.replay)."""
+        numbered = self.ledger.numbered_history(self.cid)
+        state_from, state = self.ledger.latest_model_state(self.cid)
+        pending = [(self.numbers[t], p) for t, p in self.in_flight.items()] + list(self.waiting.values())
+        inputs = {"history": [k for k, _ in numbered], "pending": [k for k, _ in pending],
+                  "pending_points": [p for _, p in pending],
+                  "state_from": state_from, "n": n, "trainer": self.rt.models is not None}
+        return inputs, [h for _, h in numbered], [p for _, p in pending], state
+
+    def _take(self, proposals: list[Proposal], inputs: dict[str, Any], ahead: bool) -> None:
+        """Record the planner's proposals, pass each through the gate and the approval policy, and
+        start those that may run on free stations (``ahead``: put them in the backlog, for the
+        next station that frees)."""
+        approval = self.spec.approval
+        for i, p in enumerate(proposals):
+            tid = self.ledger.propose(self.cid, p, inputs={**inputs, "index": i, "ahead": ahead})
+            point = self.gate(tid, None)
+            if point is None:
+                self.consecutive_vetoes += 1
+                continue
+            if self.approval_wait(tid, p):
+                self.consecutive_vetoes = 0
+                continue
+            self.ledger.transition(tid, "approved", "system",
+                                   f"passed the safety envelope (approval policy: {approval.policy})"
+                                   + ("; proposed ahead, while every station was busy" if ahead else ""))
+            if ahead:
+                self.backlog.append(tid)
+                self.consecutive_vetoes = 0
+                continue
+            runner = self.place(tid, point)  # None: vetoed by a station rule (counted), or waiting
+            if runner is not None:
+                self.consecutive_vetoes = 0
+                self.submit(runner, tid, point)
+
+    # ---- asking ahead ------------------------------------------------------------
+    def asks_ahead(self) -> bool:
+        """Whether the planner is asked for the next trial while every station is busy (the
+        campaign's ``planner.ask_ahead``; ``auto``: with two stations or more). With one station
+        the next proposal would miss the result of the trial running; with several, it misses
+        one of several pending results, and no station waits for the planner."""
+        setting = self.spec.planner.ask_ahead
+        if setting == "auto":
+            return len(self.rt.runners) >= 2 and self.n_steps == 1 and self.spec.approval.policy == "auto"
+        return bool(setting) and self.n_steps == 1
+
+    def ask_ahead(self) -> None:
+        """Ask the planner, on the flow's task runner, for the trial the next free station runs,
+        while every station is busy; its answer arrives on ``done_q`` (:meth:`took_ahead`)."""
+        if (self.ahead is not None or self.free or self.backlog or self.waiting or not self.in_flight
+                or not self._ahead_on):
+            return
+        # the budget as it is now (the step's dispatch has just started trials): never one too many
+        if self.spec.budget.max_trials - self.ledger.runs_done(self.cid) - len(self.in_flight) <= 0:
+            return
+        inputs, history, pending, state = self._ask_inputs(1)
+        self.ahead = (inputs, time.perf_counter())
+        fut = propose.submit(self.rt.planner, 1, history, pending, state)
+        fut.add_done_callback(lambda f: self.done_q.put((None, AHEAD, f)))
+
+    def took_ahead(self, fut: Any) -> None:
+        """The planner's answer, asked ahead: recorded, gated, and put first in the backlog."""
+        inputs, t0 = self.ahead or ({}, time.perf_counter())
+        self.ahead = None
+        self.rt.timings["propose"].append(time.perf_counter() - t0)
+        try:
+            proposals = fut.result()
+        except Exception as exc:  # noqa: BLE001 - the planner failed: ask as before, at dispatch
+            log.warning("campaign %s: asking the planner ahead failed (%s: %s); it is asked when a station "
+                        "is free instead", self.spec.name, type(exc).__name__, exc)
+            self._ahead_on = False
+            return
+        if self.rt.stop_requested.is_set():
+            return  # stopping: nothing new is recorded
+        self._take(proposals, inputs, ahead=True)
 
     def record(self, runner: InstrumentRunner, trial_id: int, fut: Any) -> None:
         """Write a finished trial's outcome to the ledger and free its station."""
@@ -1120,11 +1185,16 @@ class _Dispatcher:
                 return stop or ("finished", "budget of trials spent")
             if stop is None and not self.paused and self.free and room > 0:
                 self.dispatch(room)
-                if not self.in_flight and not self.waiting:
+                if not self.in_flight and not self.waiting and self.ahead is None:
                     continue  # all vetoed: ask again at once
+            if stop is None and not self.paused:
+                self.ask_ahead()
             try:  # a short timeout keeps commands, stop requests and the wall-time budget responsive
                 runner, trial_id, fut = self.done_q.get(timeout=POLL_SECONDS)
             except queue.Empty:
+                continue
+            if trial_id == AHEAD:
+                self.took_ahead(fut)
                 continue
             self.record(runner, trial_id, fut)
 

@@ -103,6 +103,10 @@ class Budget(_Spec):
 class PlannerSpec(_Spec):
     name: str = "bo"
     options: dict[str, Any] = Field(default_factory=dict)
+    ask_ahead: bool | Literal["auto"] = Field(
+        "auto", description="ask the planner for the next trial while every station is busy, so that "
+        "none waits for it (the proposal misses the results still running); auto: with two stations "
+        "or more, under the auto approval policy")
 
     @field_validator("name")
     @classmethod
