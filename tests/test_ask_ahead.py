@@ -20,14 +20,15 @@ parameters:
 objectives: [{{name: y, goal: minimize}}]
 budget: {{max_trials: {trials}}}
 planner: {{name: bo, options: {{initial_trials: 3, num_restarts: 2, raw_samples: 64}}{ahead}}}
-instruments: [{{name: reactor, simulator: branin, latency: 0.4, concurrency: {stations}}}]
+instruments: [{{name: reactor, simulator: branin, latency: {latency}, concurrency: {stations}}}]
 safety:
   limits: {{x1: {{max: 9}}}}
 """
 
 
-def _run(write_campaign, tmp_path, tag: str, stations: int, trials: int, ahead: str = ""):
-    path = write_campaign(CAMPAIGN.format(tag=tag, stations=stations, trials=trials, ahead=ahead))
+def _run(write_campaign, tmp_path, tag: str, stations: int, trials: int, ahead: str = "", latency: float = 0.4):
+    path = write_campaign(CAMPAIGN.format(tag=tag, stations=stations, trials=trials, ahead=ahead, latency=latency),
+                          name=f"{tag}.yaml")
     out = tmp_path / tag
     assert main(["run", str(path), "--output", str(out), "--quiet"]) == 0
     ledger = Ledger(sqlite_url(out))
@@ -59,8 +60,9 @@ def test_with_several_stations_the_next_trial_is_proposed_while_they_all_run(wri
 
 @pytest.mark.usefixtures("prefect_api_url")
 def test_one_station_or_ask_ahead_false_asks_only_when_a_station_is_free(write_campaign, tmp_path):
-    _, _, one = _run(write_campaign, tmp_path, "one", stations=1, trials=5)
-    _, _, off = _run(write_campaign, tmp_path, "off", stations=3, trials=6, ahead=", ask_ahead: false")
+    _, _, one = _run(write_campaign, tmp_path, "one", stations=1, trials=5, latency=0.05)
+    _, _, off = _run(write_campaign, tmp_path, "off", stations=3, trials=6, ahead=", ask_ahead: false",
+                     latency=0.2)
     for trials in (one, off):
         assert not [t.number for t in trials if t.proposal.inputs.get("ahead")]
     # one station: each proposal saw every result before it (no pending point)

@@ -32,6 +32,7 @@ STATION = """\
       counter: COUNT
       results: {{y: {{pv: y}}}}
       timeout: 3
+      connection_timeout: 30    # the IOC has just started, on a loaded test machine
 """
 
 
