@@ -193,6 +193,22 @@ def test_every_read_endpoint(world):
     assert c.get("/static/vendor/plotly.min.js").status_code == 200
 
 
+def test_stations_say_what_runs_what_is_out_of_rotation_and_what_an_interlock_holds(fresh):
+    led, cid, c = fresh["ledger"], fresh["cid"], fresh["client"]
+    h = bearer(fresh, "vic")
+    first = c.get(f"/api/campaigns/{CID}/stations", headers=h).json()
+    assert [(s["station"], s["in_rotation"], s["trial"], s["held"]) for s in first] == [("reactor", True, 6, None)]
+    led.set_rotation(cid, "reactor", False, "system", "3 trials failed in a row on it")
+    led.record_suspension(cid, "reactor", "chiller:T", "10 <= value <= 80", 93.5, None)
+    (st,) = c.get(f"/api/campaigns/{CID}/stations", headers=h).json()
+    assert st["in_rotation"] is False and st["out_reason"] == "3 trials failed in a row on it"
+    assert st["out_by"] == "system" and st["out_since"]
+    assert st["held"]["pv"] == "chiller:T" and st["held"]["value"] == 93.5 and st["held"]["allowed"]
+    led.set_rotation(cid, "reactor", True, "operator", "repaired", user="olga")
+    (st,) = c.get(f"/api/campaigns/{CID}/stations", headers=h).json()
+    assert st["in_rotation"] is True and st["out_reason"] is None
+
+
 def test_trials_filter_by_state_and_paginate(world):
     c, h = world["client"], bearer(world, "vic")
     page = c.get(f"/api/campaigns/{CID}/trials?limit=3&offset=3", headers=h).json()

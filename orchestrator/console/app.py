@@ -376,6 +376,30 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
                                 parameters=t.parameters, since=t.started_at).model_dump(mode="json")
                 for t in camp.ledger.trials(camp.row.id, ("running",))]
 
+    @api.get("/campaigns/{cid}/stations", response_model=list[S.StationOut], tags=["trials"])
+    def stations(cid: str, request: Request) -> Any:
+        """Every station: its running trial, whether it is out of rotation, an interlock holding it."""
+        console.reader(request)
+        camp = console.campaign(cid)
+        spec = console.spec(camp)
+        running = {t.instrument: t for t in camp.ledger.trials(camp.row.id, ("running",))}
+        out = camp.ledger.out_of_rotation(camp.row.id)
+        held = {h.instrument: h for h in camp.ledger.suspensions(camp.row.id) if h.resumed_at is None}
+        rows = []
+        for inst in spec.instruments:
+            for station in inst.stations:
+                t, e, h = running.get(station), out.get(station), held.get(station.replace("-", "_")) or \
+                    held.get(station)
+                rows.append(S.StationOut(
+                    station=station, instrument=inst.name, in_rotation=e is None,
+                    out_reason=e.reason if e else None, out_since=e.at if e else None,
+                    out_by=(f"{e.user} ({e.actor})" if e.user else e.actor) if e else None,
+                    trial=t.number if t else None, parameters=t.parameters if t else {},
+                    running_since=t.started_at if t else None,
+                    held=S.InterlockHold(pv=h.pv, allowed=h.allowed or "", value=h.value, since=h.tripped_at)
+                    if h else None).model_dump(mode="json"))
+        return rows
+
     @api.get("/campaigns/{cid}/models", response_model=list[S.ModelVersionOut], tags=["models"])
     def models(cid: str, request: Request) -> Any:
         console.reader(request)

@@ -42,7 +42,7 @@ from orchestrator.ledger import (
 
 log = logging.getLogger("labpilot.console")
 
-STREAM_TOPICS = ("trial", "proposal", "veto", "model", "command", "station")
+STREAM_TOPICS = ("trial", "proposal", "veto", "model", "command", "station", "suspension", "retry")
 QUEUE_SIZE = 256
 #: how long a client's sender waits after a message for the rest of its burst (a trial's end is a
 #: state change, a result, a proposal, ...): fewer frames for many clients, well inside the 1 s a

@@ -172,6 +172,31 @@ class InstrumentOut(BaseModel):
     since: Time | None = None
 
 
+class InterlockHold(BaseModel):
+    """An interlock holding a station's run now: the PV, its allowed range, the value that tripped it."""
+
+    pv: str
+    allowed: str = ""
+    value: float | None = None
+    since: Time | None = None
+
+
+class StationOut(BaseModel):
+    """One station of the campaign (``reactor-2`` of ``concurrency: 3``): what it runs, whether it
+    is in rotation (and if not, who took it out, when and why), whether an interlock holds it."""
+
+    station: str
+    instrument: str
+    in_rotation: bool = True
+    out_reason: str | None = None
+    out_by: str | None = None
+    out_since: Time | None = None
+    trial: int | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    running_since: Time | None = None
+    held: InterlockHold | None = None
+
+
 class ModelVersionOut(BaseModel):
     number: int
     label: str

@@ -159,11 +159,30 @@ async function loadWaiting() {
 }
 
 async function loadInstruments() {
-  const rows = (await api("GET", `/api/campaigns/${S.cid}/instruments`)).data;
+  const rows = (await api("GET", `/api/campaigns/${S.cid}/stations`)).data;
   const ul = $("instruments"); ul.replaceChildren();
-  for (const r of rows) ul.append(el("li", { "data-testid": `instrument-${r.instrument}`,
-    text: `${r.instrument}: trial ${r.trial} (${kv(r.parameters)}) since ${when(r.since)}` }));
-  if (!rows.length) ul.append(el("li", { class: "muted", text: "every instrument is idle" }));
+  const canControl = S.me && S.me.can_control;
+  for (const r of rows) {
+    let text = r.trial != null ? `${r.station}: trial ${r.trial} (${kv(r.parameters)}) since ${when(r.running_since)}`
+                               : `${r.station}: idle`;
+    if (r.held) text += ` — held by interlock ${r.held.pv}=${fmt(r.held.value)} (allowed ${r.held.allowed}) since ${when(r.held.since)}`;
+    if (!r.in_rotation) text += ` — out of rotation since ${when(r.out_since)} (${r.out_by}): ${r.out_reason}`;
+    const li = el("li", { "data-testid": `instrument-${r.station}`, class: r.in_rotation ? "" : "state-failed", text });
+    if (canControl) {
+      li.append(r.in_rotation
+        ? el("button", { text: "take out", "data-testid": `retire-${r.station}`, onclick: () => retire(r.station) })
+        : el("button", { class: "ok", text: "restore", "data-testid": `restore-${r.station}`,
+                         onclick: () => command(`stations/${encodeURIComponent(r.station)}/restore`, {}, `restore ${r.station}`) }));
+    }
+    ul.append(li);
+  }
+  if (!rows.length) ul.append(el("li", { class: "muted", text: "no instrument" }));
+}
+
+function retire(station) {
+  const reason = prompt(`Why take ${station} out of rotation?`);
+  if (!reason) return;
+  command(`stations/${encodeURIComponent(station)}/retire`, { reason }, `take ${station} out`);
 }
 
 async function loadTrials() {
@@ -278,7 +297,8 @@ function editThenApprove(w) {
 // ---- live ---------------------------------------------------------------------------------------
 const TOPIC_PARTS = {
   trial: ["campaign", "waiting", "instruments", "trials", "figures"], proposal: ["waiting", "trials", "campaign"],
-  veto: ["trials", "campaign"], model: ["figures"], command: ["audit", "campaign", "waiting"],
+  veto: ["trials", "campaign"], model: ["figures"], command: ["audit", "campaign", "waiting", "instruments"],
+  station: ["instruments", "campaign"], suspension: ["instruments"], retry: ["instruments"],
   refresh: ["campaign", "waiting", "instruments", "figures", "trials", "audit"],
 };
 const LEDGER_PARTS = { trials: TOPIC_PARTS.trial, commands: ["audit", "campaign", "waiting"], models: ["figures"],
