@@ -83,7 +83,7 @@ def caput(ioc):
     import epics
 
     def put(pv: str, value):
-        assert epics.caput(pv, value, wait=True, timeout=5) == 1, pv
+        assert epics.caput(pv, value, wait=True, timeout=5, connection_timeout=20) == 1, pv
 
     put("lt:FAULT", "none")
     put("lt:FAULT_COUNT", 0)
@@ -430,3 +430,12 @@ def test_an_acquisition_that_fails_is_not_retried(tmp_path, ioc, caput):
     assert _caget("lt:TRIGGERS") - triggers == 2
     ledger = Ledger(sqlite_url(out))
     assert ledger.retries(ledger.campaign().id) == []
+
+
+def test_two_test_workers_never_share_an_ioc_port():
+    """Seen in a two-worker run: a caput timed out right after its IOC answered, because both
+    workers' IOCs could be handed the same free port by the kernel."""
+    from tests.epics_ports import worker_ports
+
+    a, b = set(worker_ports(6, "gw0")), set(worker_ports(6, "gw1"))
+    assert len(a) == len(b) == 6 and not a & b

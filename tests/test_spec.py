@@ -679,3 +679,4 @@ def test_validating_a_simulator_or_table_campaign_imports_no_torch_or_heavy_stac
     loaded = _modules_after_validating(ROOT / "examples" / example)
 
     assert not loaded & {"torch", *HEAVY}, loaded & {"torch", *HEAVY}
+
