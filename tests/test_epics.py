@@ -51,6 +51,7 @@ SIM_EPICS = """\
       results:
         y: {pv: y, units: mW}
       timeout: 2
+      connection_timeout: 30     # a loaded test machine: libca's search retries back off past 5 s
 """
 
 SOFT_EPICS = """\
@@ -62,6 +63,7 @@ SOFT_EPICS = """\
       counter: COUNT
       results: {y: y}
       timeout: 3
+      connection_timeout: 30
 """
 
 
@@ -186,7 +188,7 @@ def _runner(block: dict, timeout: float = 10):
     from instruments.epics import make_epics_device
     from orchestrator.spec import EpicsSpec
 
-    device = make_epics_device("ioc", EpicsSpec.model_validate(block))
+    device = make_epics_device("ioc", EpicsSpec.model_validate({"connection_timeout": 30, **block}))
     return InstrumentRunner(Instrument(name="ioc", device=device, outcomes=["y"], timeout=timeout))
 
 
