@@ -30,9 +30,10 @@ $(CHROMIUM):
 	apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
 
 # Two workers: most tests wait on simulated instruments, servers and subprocesses, so two share
-# two cores well (531 s of pytest alone, 310 s on two workers, on the 2-core machine).
+# two cores well (531 s of pytest alone, 310 s on two workers, on the 2-core machine). By file: a
+# module's tests run in its order on one worker (the IOC tests share one IOC, one after another).
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

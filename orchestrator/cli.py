@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +164,39 @@ def _setup_logging(output_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.ledger import CampaignRefused, sqlite_url
     from orchestrator.prefect_api import PrefectAPI
-    from orchestrator.spec import CampaignError, load_campaign
 
     t0 = time.perf_counter()
-    api = PrefectAPI().start_in_background()  # overlaps with validation, imports and set-up
+    with _sigint_noted():
+        return _run(args, t0, PrefectAPI().start_in_background())  # the API overlaps with set-up
+
+
+@contextmanager
+def _sigint_noted():
+    """Ctrl-C raises KeyboardInterrupt as always, and is also noted (orchestrator.interrupt)."""
+    from orchestrator.interrupt import INTERRUPT
+
+    INTERRUPT.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def noted(signum: int, frame: Any) -> None:
+        INTERRUPT.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace, t0: float, api: Any) -> int:
+    from orchestrator.interrupt import INTERRUPT
+    from orchestrator.ledger import CampaignRefused, sqlite_url
+    from orchestrator.spec import CampaignError, load_campaign
+
     try:
         spec = load_campaign(args.file)
     except CampaignError as exc:
@@ -206,6 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         t_ready = time.perf_counter() - t0
         with api.settings():
             result = run_campaign(runtime)
+        if INTERRUPT.is_set() and result.status != "interrupted":
+            raise KeyboardInterrupt  # noted while no step of the loop was there to see it
     except KeyboardInterrupt:
         _print_resume_hint(args.file, output_dir)
         return EXIT_INTERRUPTED

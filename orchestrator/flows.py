@@ -28,6 +28,7 @@ from instruments import Instrument, InstrumentRunner, InstrumentTimeout, Measure
 from instruments.runner import INTERLOCK_ERRORS
 from orchestrator.approval import waits_because
 from orchestrator.control import Applier
+from orchestrator.interrupt import INTERRUPT
 from orchestrator.learning import CampaignStream, LiveModels
 from orchestrator.ledger import APPROVAL_TIMEOUT, CampaignRefused, Ledger, utcnow
 from orchestrator.report import Best, best_so_far
@@ -1169,6 +1170,8 @@ class _Dispatcher:
     def run(self) -> tuple[str, str]:
         self._reattach()
         while True:
+            if INTERRUPT.is_set():
+                raise KeyboardInterrupt  # a Ctrl-C that landed where Python drops it
             if self.applier.apply_pending():
                 self._sync_waiting()
             self.expire_waiting()
