@@ -76,6 +76,7 @@ class InstrumentRunner:
         self._suspensions = 0  # suspensions begun on this runner's RunEngines
         self.activity = "idle"
         self.abandoned: list[str] = []
+        self._threads: list[threading.Thread] = []  # aborts asked for, and the run thread
         self.interlocks = list(interlocks)
         for il in self.interlocks:
             il.report = self._interlock_changed
@@ -130,8 +131,13 @@ class InstrumentRunner:
             RE.subscribe(self._on_document)
         return RE
 
-    def close(self) -> None:
-        """Take the interlocks off the RunEngine and stop telling ``on_event`` anything."""
+    def close(self, settle: float = 0.0) -> None:
+        """Take the interlocks off the RunEngine and stop telling ``on_event`` anything; with
+        ``settle``, first wait up to that many seconds for aborts asked for and the run they end
+        (a process that exits while a RunEngine still winds down prints its threads' errors)."""
+        deadline = time.monotonic() + settle
+        for thread in [*self._threads]:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._on_event = None
         for il in self.interlocks:
             il.remove(self.RE)
@@ -149,7 +155,9 @@ class InstrumentRunner:
             except Exception:  # the run ended meanwhile: nothing to abort
                 pass
 
-        threading.Thread(target=request, name=f"{self.instrument.name}-abort", daemon=True).start()
+        thread = threading.Thread(target=request, name=f"{self.instrument.name}-abort", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def run(self, parameters: dict[str, Any], md: dict[str, Any], timeout: float | None = None) -> tuple[Observation, Documents]:
         """Run one experiment; return its observation and documents.

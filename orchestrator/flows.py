@@ -349,8 +349,11 @@ class CampaignRuntime:
 
     def close(self) -> None:
         """Stop the trainer and the stream and let go of the campaign (the ledger stays open)."""
-        for runner in getattr(self, "runners", []):
-            runner.close()  # its interlocks stop reporting into this campaign
+        runners = getattr(self, "runners", [])
+        deadline = time.monotonic() + 2.0  # aborted runs wind down first (ABORT_GRACE_S each, at most)
+        for runner in runners:
+            # its interlocks stop reporting into this campaign
+            runner.close(settle=max(0.0, deadline - time.monotonic()))
         if self.models is not None:
             self.models.stop()
         self.stream.stop()
