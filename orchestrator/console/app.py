@@ -388,8 +388,7 @@ def create_app(ledgers: list[Ledger], users_ledger: Ledger, *, auth_required: bo
         rows = []
         for inst in spec.instruments:
             for station in inst.stations:
-                t, e, h = running.get(station), out.get(station), held.get(station.replace("-", "_")) or \
-                    held.get(station)
+                t, e, h = running.get(station), out.get(station), held.get(station)
                 rows.append(S.StationOut(
                     station=station, instrument=inst.name, in_rotation=e is None,
                     out_reason=e.reason if e else None, out_since=e.at if e else None,
