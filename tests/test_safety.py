@@ -293,11 +293,11 @@ def envelope_scenario(planner: str, salt: str = "") -> dict:
             "step": rng.uniform(3, 15), "rate": rng.randint(2, 3), "attacks": [attack() for _ in range(6)]}
 
 
-@pytest.mark.parametrize("planner", sorted(PLANNERS))
-def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(prefect_api_url, planner):
-    """The planner's proposals, attack points among them, resumed trials and operator-added ones
-    (approved in the ledger beforehand): what the device journals is inside every rule, per
-    station; nothing raises; no trial is left running or unseen."""
+def run_envelope_campaign(text: str, scenario: dict, prefix: str) -> list:
+    """Run the envelope campaign ``text`` with ``scenario``'s attacks: two of them and one
+    legal point approved in the ledger beforehand (an operator's, or a crashed run's), the rest
+    put in place of every other proposal of the campaign's own planner. Nothing may raise; the
+    campaign ends finished or failed. Returns its trials."""
     import tempfile
 
     import yaml
@@ -307,16 +307,11 @@ def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(pre
     from orchestrator.spec import parse_campaign
     from planners.base import Proposal
 
-    from .envelope_device import JOURNAL
-
-    JOURNAL.clear()
-    scenario = envelope_scenario(planner)
-    rhs, allowed, step, rate, attacks = (scenario[k] for k in ("rhs", "allowed", "step", "rate", "attacks"))
-    text = ENVELOPE_CAMPAIGN.format(planner=planner, rhs=rhs, allowed=allowed, step=step, rate=rate)
+    attacks = scenario["attacks"]
     spec = parse_campaign(yaml.safe_load(text))
-    runtime = CampaignRuntime(spec, tempfile.mkdtemp(prefix="labpilot-envelope-"), settings=Settings(trainer="off"))
+    runtime = CampaignRuntime(spec, tempfile.mkdtemp(prefix=prefix), settings=Settings(trainer="off"))
     try:
-        for p in attacks[:2] + [{"x1": 10.0, "x2": 14.0, "solvent": allowed[0]}]:  # operator's / resumed
+        for p in attacks[:2] + [{"x1": 10.0, "x2": 14.0, "solvent": scenario["allowed"][0]}]:
             tid = runtime.ledger.propose(runtime.campaign_id, Proposal(dict(p), "operator", 0))
             runtime.ledger.transition(tid, "approved", "system", "approved by hand")
         runtime.planner = _Adversary(runtime.planner, attacks[2:])
@@ -325,17 +320,38 @@ def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(pre
     finally:
         runtime.close()
     assert result.status in ("finished", "failed"), result.reason
-    by_station: dict[str, list[dict]] = {}
-    for station, sent in JOURNAL:
-        x1, x2, solvent = sent["x1"], sent["x2"], sent["solvent"]
-        assert type(x1) is float and type(x2) is float and math.isfinite(x1 + x2), sent
-        assert -5 <= x1 <= 10 and 0 <= x2 <= 14 and x1 - x2 <= 8, sent
-        assert not x1 + x2 >= rhs and solvent in allowed, sent
-        by_station.setdefault(station, []).append(sent)
-    for station, runs in by_station.items():
-        assert len(runs) <= rate, (station, runs)  # the campaign runs for seconds: at most one hour's worth
-        for a, b in zip(runs, runs[1:], strict=False):
-            assert abs(b["x1"] - a["x1"]) <= step, (station, a, b)
     assert not [t for t in trials if t.state in ("running", "proposed")], [(t.state, t.reason) for t in trials]
     assert all(t.reason for t in trials if t.state == "vetoed")
+    return trials
+
+
+def assert_runs_inside_envelope(station: str, runs: list[dict], scenario: dict, step_slack: float = 0.0) -> None:
+    """What one station was sent, run by run, is inside every rule of ``scenario``'s envelope."""
+    for sent in runs:
+        x1, x2, solvent = float(sent["x1"]), float(sent["x2"]), sent["solvent"]
+        assert math.isfinite(x1 + x2), (station, sent)
+        assert -5 <= x1 <= 10 and 0 <= x2 <= 14 and x1 - x2 <= 8, (station, sent)
+        assert not x1 + x2 >= scenario["rhs"] and solvent in scenario["allowed"], (station, sent)
+    assert len(runs) <= scenario["rate"], (station, runs)  # the campaign runs for seconds: one hour's worth
+    for a, b in zip(runs, runs[1:], strict=False):
+        assert abs(float(b["x1"]) - float(a["x1"])) <= scenario["step"] + step_slack, (station, a, b)
+
+
+@pytest.mark.parametrize("planner", sorted(PLANNERS))
+def test_every_rule_through_every_planner_nothing_outside_reaches_the_device(prefect_api_url, planner):
+    """The planner's proposals, attack points among them, resumed trials and operator-added ones
+    (approved in the ledger beforehand): what the device journals is inside every rule, per
+    station; nothing raises; no trial is left running or unseen."""
+    from .envelope_device import JOURNAL
+
+    JOURNAL.clear()
+    scenario = envelope_scenario(planner)
+    text = ENVELOPE_CAMPAIGN.format(planner=planner, **{k: scenario[k] for k in ("rhs", "allowed", "step", "rate")})
+    trials = run_envelope_campaign(text, scenario, "labpilot-envelope-")
+    by_station: dict[str, list[dict]] = {}
+    for station, sent in JOURNAL:
+        assert type(sent["x1"]) is float and type(sent["x2"]) is float, sent  # as the gate converted them
+        by_station.setdefault(station, []).append(sent)
+    for station, runs in by_station.items():
+        assert_runs_inside_envelope(station, runs, scenario)
     assert len(JOURNAL) == sum(t.state == "completed" for t in trials)
